@@ -1,0 +1,1 @@
+"""Federated, differentially private LoRA fine-tuning for the Hugging Face stack."""

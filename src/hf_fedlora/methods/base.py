@@ -1,0 +1,71 @@
+"""The contract between a federated LoRA method and the trainer.
+
+The trainer never names a method: it asks the method object which factors train at a
+given round, sub-round and local step, which factors a client uploads, and how the
+server combines the uploads. A new method is one file here plus its config class.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..federation.adapter_state import HEAD, LORA_A, LORA_B, weighted_average
+
+if TYPE_CHECKING:
+    from .lora import FedLoraConfig
+
+
+class FederatedMethod:
+    """Base: every round is one sub-round in which A and B train together and are averaged."""
+
+    name = "base"
+
+    def __init__(self, config: FedLoraConfig):
+        self.config = config
+
+    # --- what trains when -------------------------------------------------------------
+    def num_sub_rounds(self, round_index: int) -> int:
+        """Local passes per round (DEeR trains B, then A: two)."""
+        return 1
+
+    def trained_lora_factors(self, round_index: int, sub_round: int, step: int) -> frozenset[str]:
+        """LoRA factors that train at this local step; the other factor stays frozen."""
+        return frozenset({LORA_A, LORA_B})
+
+    def trained_factors(self, round_index: int, sub_round: int, step: int) -> frozenset[str]:
+        """Everything trainable at this step: the LoRA factors plus the task head, which always trains."""
+        return self.trained_lora_factors(round_index, sub_round, step) | {HEAD}
+
+    def uploaded_factors(self, round_index: int, sub_round: int) -> frozenset[str]:
+        """What a client sends after the sub-round: by default whatever could have trained in it."""
+        return frozenset({LORA_A, LORA_B, HEAD})
+
+    # --- how the server combines ------------------------------------------------------
+    def aggregate(
+        self, uploads: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+    ) -> dict[str, torch.Tensor]:
+        """FedAvg of each uploaded tensor separately (A and B averaged independently)."""
+        return weighted_average(uploads, weights)
+
+    # --- shared start -----------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, model: nn.Module) -> None:
+        """Re-initialise A from the config's shared seed so every client (and process) holds the same A.
+
+        B keeps PEFT's zero init, so the adapted model starts equal to the base model.
+        """
+        generator = torch.Generator().manual_seed(self.config.init_seed)
+        for name, parameter in model.named_parameters():
+            if ".lora_A." not in name:  # linear LoRA A; embedding adapters keep PEFT's own init
+                continue
+            values = torch.empty(parameter.shape, dtype=torch.float32)
+            if self.config.init_lora_weights == "gaussian":
+                nn.init.normal_(values, std=1.0 / parameter.shape[0], generator=generator)  # shape[0] is r
+            else:  # PEFT's default LoRA init for A
+                nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
+            parameter.copy_(values.to(parameter.dtype))

@@ -1,0 +1,69 @@
+"""DP-LoRA / FedIT baseline: A and B train together and are averaged separately (FedAvg).
+
+Averaging the factors separately is not averaging the clients' updates: the aggregation
+deviation sum_k p_k B_k A_k - B_bar A_bar is not zero. This is the baseline the other
+methods improve on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from peft import LoraConfig
+
+from .base import FederatedMethod
+
+
+class FedLoraMethod(FederatedMethod):
+    name = "lora"
+
+
+@dataclass
+class FedLoraConfig(LoraConfig):
+    """A `peft.LoraConfig` for federated training (the DP-LoRA baseline).
+
+    It keeps `peft_type=LORA`: the federated fields below are left out of
+    `adapter_config.json`, so plain `peft` loads the saved adapter as an ordinary LoRA.
+    """
+
+    init_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the shared initialisation of lora_A. Every client (and every process, e.g. with "
+            "Flower) draws the same A from it, as the federated methods require."
+        },
+    )
+
+    method_class: ClassVar[type[FederatedMethod]] = FedLoraMethod
+    federated_fields: ClassVar[tuple[str, ...]] = ("init_seed",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool) or self.init_seed < 0:
+            raise ValueError(f"init_seed must be a non-negative integer, got {self.init_seed!r}")
+        if self.init_lora_weights not in (True, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported for federated training: "
+                "use True (PEFT's default: Kaiming-uniform A, zero B) or 'gaussian'. Federated methods need "
+                "B = 0 at the start and an A that every client can draw from the shared init_seed."
+            )
+
+    @property
+    def method_name(self) -> str:
+        return self.method_class.name
+
+    def build_method(self) -> FederatedMethod:
+        """The object that tells the trainer what trains, what is sent and how it is combined."""
+        return self.method_class(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain LoraConfig fields only, so `adapter_config.json` loads in plain `peft` without warnings."""
+        config = super().to_dict()
+        for name in self.federated_fields:
+            config.pop(name, None)
+        return config
+
+    def federated_dict(self) -> dict[str, Any]:
+        """The method and its federated settings (what `to_dict` leaves out), for the run's record."""
+        return {"method": self.method_name, **{name: getattr(self, name) for name in self.federated_fields}}

@@ -1,0 +1,18 @@
+"""Privacy lives here and only here: DP-SGD with Opacus, accountants, calibration, the report."""
+
+from .accountants import ACCOUNTANTS, epsilon_from_history, make_accountant
+from .calibration import calibrate_noise_multiplier
+from .engine import UNIT, ClientPrivacy, FederatedPrivacy
+from .per_example_gradients import PerExampleGradients, check_supported
+
+__all__ = [
+    "ACCOUNTANTS",
+    "UNIT",
+    "ClientPrivacy",
+    "FederatedPrivacy",
+    "PerExampleGradients",
+    "calibrate_noise_multiplier",
+    "check_supported",
+    "epsilon_from_history",
+    "make_accountant",
+]

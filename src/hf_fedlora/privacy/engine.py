@@ -1,0 +1,234 @@
+"""Per-client sample-level DP-SGD: the one place that decides noise, enforces budgets and reports epsilon.
+
+Each client runs DP-SGD on its own shard: Poisson sampling at rate q_k, per-example
+clipping of all its trainable tensors together to `clip_norm`, Gaussian noise
+`noise_multiplier * clip_norm`, and its own accountant kept for the whole run. Clients'
+data are disjoint, so the run's guarantee is the largest epsilon over clients. No
+amplification from client sampling is claimed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus.accountants import IAccountant
+from opacus.optimizers import DPOptimizer
+
+from .accountants import epsilon_from_history, make_accountant
+from .calibration import calibrate_noise_multiplier
+
+UNIT = "example"
+
+
+@dataclass
+class ClientPrivacy:
+    """One client's DP state: its noise, its step budget, its accountant and its noise RNG."""
+
+    num_examples: int
+    sample_rate: float
+    noise_multiplier: float
+    step_budget: int | None  # None when no target epsilon was given (noise multiplier set directly)
+    accountant: IAccountant
+    noise_generator: torch.Generator
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [tuple(entry) for entry in self.accountant.history]
+
+    @property
+    def steps_taken(self) -> int:
+        return sum(int(steps) for _, _, steps in self.accountant.history)
+
+
+class FederatedPrivacy:
+    """Calibrates each client's noise before training, guards its budget and answers for its epsilon."""
+
+    def __init__(
+        self,
+        *,
+        target_epsilon: float | None,
+        target_delta: float,
+        noise_multiplier: float | None,
+        clip_norm: float,
+        accountant: str = "prv",
+        calibration: str = "per_client",
+        seed: int = 0,
+    ):
+        self.target_epsilon = target_epsilon
+        self.delta = target_delta
+        self.fixed_noise_multiplier = noise_multiplier
+        self.clip_norm = clip_norm
+        self.accountant_name = accountant
+        self.calibration = calibration
+        self.seed = seed
+        self.clients: dict[str, ClientPrivacy] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_epsilon is not None or self.fixed_noise_multiplier is not None
+
+    # --- before training --------------------------------------------------------------
+    def plan(
+        self,
+        client_sizes: Mapping[str, int],
+        batch_size: int,
+        planned_steps: Mapping[str, int],
+        device: torch.device,
+    ) -> None:
+        """Fix each client's sample rate and noise so the planned steps fit its budget; refuse plans that don't.
+
+        Called again on a later `train()` of the same run: the accountants keep their history,
+        the noise stays as calibrated, and a plan that would take any client past its target is
+        refused with the numbers, before any step runs.
+        """
+        for name, size in client_sizes.items():
+            if batch_size > size:
+                raise ValueError(
+                    f"per_device_train_batch_size={batch_size} is larger than client {name!r}'s "
+                    f"{size} examples: its Poisson sample rate would exceed 1. Use a smaller batch or fewer clients."
+                )
+            if self.delta >= 1.0 / size:
+                raise ValueError(
+                    f"dp_target_delta={self.delta} is not far below 1/n for client {name!r} (n={size}): a delta "
+                    "that large allows releasing whole records. Use a delta well below 1/n (e.g. 1e-5)."
+                )
+        new_clients = [name for name in client_sizes if name not in self.clients]
+        sigmas = {name: self._noise_for(client_sizes[name], batch_size, planned_steps[name]) for name in new_clients}
+        if self.calibration == "shared" and sigmas:
+            shared = max(sigmas.values())
+            sigmas = dict.fromkeys(sigmas, shared)
+        for index, name in enumerate(client_sizes):
+            if name in self.clients:
+                continue
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed * 1_000_003 + index)
+            self.clients[name] = ClientPrivacy(
+                num_examples=client_sizes[name],
+                sample_rate=batch_size / client_sizes[name],
+                noise_multiplier=sigmas[name],
+                step_budget=planned_steps[name] if self.target_epsilon is not None else None,
+                accountant=make_accountant(self.accountant_name),
+                noise_generator=generator,
+            )
+        self._refuse_overspending_plan(planned_steps)
+
+    def _noise_for(self, num_examples: int, batch_size: int, steps: int) -> float:
+        if self.fixed_noise_multiplier is not None:
+            return float(self.fixed_noise_multiplier)
+        if steps == 0:
+            return 0.0  # a client never sampled runs no step and releases nothing
+        return calibrate_noise_multiplier(
+            self.target_epsilon, self.delta, batch_size / num_examples, steps, self.accountant_name
+        )
+
+    def _refuse_overspending_plan(self, planned_steps: Mapping[str, int]) -> None:
+        if self.target_epsilon is None:
+            return
+        problems = []
+        for name, steps in planned_steps.items():
+            client = self.clients[name]
+            if steps == 0:
+                continue
+            projected = client.history + [(client.noise_multiplier, client.sample_rate, steps)]
+            epsilon = epsilon_from_history(projected, self.delta, self.accountant_name)
+            if epsilon > self.target_epsilon:
+                problems.append(
+                    f"client {name!r}: {client.steps_taken} steps already run + {steps} planned at noise "
+                    f"multiplier {client.noise_multiplier:.4g}, sample rate {client.sample_rate:.4g} -> epsilon "
+                    f"{epsilon:.3f}"
+                )
+            else:
+                client.step_budget = client.steps_taken + steps
+        if problems:
+            raise ValueError(
+                f"This plan would exceed dp_target_epsilon={self.target_epsilon} (delta={self.delta}, "
+                f"{self.accountant_name} accountant); nothing was trained. " + "; ".join(problems)
+            )
+
+    # --- during training --------------------------------------------------------------
+    def can_step(self, name: str) -> bool:
+        """False once a client has run every step its budget allows: it then stops for good."""
+        client = self.clients[name]
+        return client.step_budget is None or client.steps_taken < client.step_budget
+
+    def private_optimizer(self, optimizer: torch.optim.Optimizer, name: str, batch_size: int) -> DPOptimizer:
+        """Opacus's DP optimizer: clip each example's gradient, sum, add N(0, (sigma*C)^2), divide by batch size."""
+        client = self.clients[name]
+        return DPOptimizer(
+            optimizer,
+            noise_multiplier=client.noise_multiplier,
+            max_grad_norm=self.clip_norm,
+            expected_batch_size=batch_size,
+            loss_reduction="mean",
+            generator=client.noise_generator,
+        )
+
+    def record_step(self, name: str) -> None:
+        client = self.clients[name]
+        client.accountant.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate)
+
+    # --- reporting ----------------------------------------------------------------------
+    def epsilon(self, name: str) -> float:
+        return epsilon_from_history(self.clients[name].history, self.delta, self.accountant_name)
+
+    def max_epsilon(self) -> float:
+        return max((self.epsilon(name) for name in self.clients), default=0.0)
+
+    def report(self) -> dict[str, Any]:
+        """Everything needed to re-derive each client's epsilon with an independent accountant."""
+        if not self.enabled:
+            return {"private": False, "unit": None, "epsilon": None, "clients": {}}
+        clients = {
+            name: {
+                "epsilon": self.epsilon(name),
+                "num_examples": c.num_examples,
+                "noise_multiplier": c.noise_multiplier,
+                "sample_rate": c.sample_rate,
+                "steps": c.steps_taken,
+                "history": [list(entry) for entry in c.history],
+            }
+            for name, c in self.clients.items()
+        }
+        return {
+            "private": True,
+            "unit": UNIT,
+            "epsilon": max((c["epsilon"] for c in clients.values()), default=0.0),
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "accountant": self.accountant_name,
+            "clip_norm": self.clip_norm,
+            "noise_calibration": self.calibration if self.target_epsilon is not None else "fixed",
+            "clients": clients,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            name: {
+                "num_examples": c.num_examples,
+                "sample_rate": c.sample_rate,
+                "noise_multiplier": c.noise_multiplier,
+                "step_budget": c.step_budget,
+                "history": [list(entry) for entry in c.history],
+                "noise_generator": c.noise_generator.get_state(),
+            }
+            for name, c in self.clients.items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        self.clients = {}
+        for name, s in state.items():
+            accountant = make_accountant(self.accountant_name)
+            accountant.history = [tuple(entry) for entry in s["history"]]
+            generator = torch.Generator(device=device)
+            generator.set_state(s["noise_generator"])
+            self.clients[name] = ClientPrivacy(
+                num_examples=s["num_examples"],
+                sample_rate=s["sample_rate"],
+                noise_multiplier=s["noise_multiplier"],
+                step_budget=s["step_budget"],
+                accountant=accountant,
+                noise_generator=generator,
+            )

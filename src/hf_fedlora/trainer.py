@@ -1,0 +1,443 @@
+"""`FederatedTrainer`: a `transformers.Trainer` that simulates LoRA clients and runs federated rounds.
+
+One base model lives in memory. A client is its data shard, its sampling RNG and its
+privacy state; its adapter is swapped into the model's LoRA parameters at the start of
+its local work and the upload is read back out. The trainer never names a method: the
+method object (built from the PEFT config) says what trains, what is sent and how the
+server combines it; the privacy engine says how much noise and whether a step may run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import Trainer
+from transformers.trainer_utils import TrainOutput
+from transformers.utils import logging
+
+from .federation.adapter_state import (
+    adapter_parameters,
+    load_into,
+    parameters_of,
+    payload_nbytes,
+    snapshot,
+)
+from .federation.partition import DEFAULT_LABEL_COLUMNS, label_histogram, partition_dataset
+from .methods import FedLoraConfig
+from .privacy import FederatedPrivacy, PerExampleGradients, check_supported
+from .training_args import FederatedTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+FEDERATED_RECORD_NAME = "federated_training.json"
+
+
+class FederatedTrainer(Trainer):
+    """Federated (and optionally differentially private) LoRA fine-tuning, constructed like any Trainer.
+
+    `train_dataset` is either one `datasets.Dataset`, split among clients as
+    `args.partition` says, or ready-made clients: a list or a dict of datasets.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel,
+        args: FederatedTrainingArguments,
+        train_dataset: Dataset | Sequence[Dataset] | Mapping[str, Dataset] | None = None,
+        **kwargs: Any,
+    ):
+        if not isinstance(args, FederatedTrainingArguments):
+            raise ValueError(f"args must be FederatedTrainingArguments, got {type(args).__name__}")
+        config = _federated_config(model)
+        self.client_datasets, self._clients_given = _clients_from(train_dataset, args)
+        super().__init__(model=model, args=args, train_dataset=None, **kwargs)
+
+        self.method = config.build_method()
+        self.method.initialize(self.model)
+        self._adapter = adapter_parameters(self.model)
+        self.privacy = FederatedPrivacy(
+            target_epsilon=args.dp_target_epsilon,
+            target_delta=args.dp_target_delta,
+            noise_multiplier=args.dp_noise_multiplier,
+            clip_norm=args.dp_clip_norm,
+            accountant=args.dp_accountant,
+            calibration=args.dp_noise_calibration,
+            seed=args.seed,
+        )
+        if self.privacy.enabled:
+            check_supported(self.model, set(self._adapter))
+        self._per_example_gradients = PerExampleGradients(self.model)
+        self._set_trainable(self.method.trained_factors(0, 0, 0))
+        self._global_state = snapshot(self._adapter)
+        self.client_label_histograms = _label_histograms(self.client_datasets, args.label_column)
+        self._rounds_done = 0
+        self._round_history: list[dict[str, float]] = []
+        self._data_generators = {
+            name: torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+            for index, name in enumerate(self.client_datasets)
+        }
+        self._participation_rng = np.random.default_rng(args.seed)
+        self._prepared_clients: dict[str, Dataset] | None = None
+        if hasattr(self.model, "add_model_tags"):
+            tags = ["hf_fedlora", "federated-learning", self.method.name]
+            self.model.add_model_tags(tags + (["differential-privacy"] if self.privacy.enabled else []))
+
+    # ------------------------------------------------------------------------------------
+    # The run
+    # ------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any) -> TrainOutput:
+        """Run rounds until `args.num_rounds` rounds are done; a later call continues the same run."""
+        if resume_from_checkpoint:
+            raise NotImplementedError("resume_from_checkpoint is not supported by FederatedTrainer yet")
+        args = self.args
+        clients = self._clients_ready_for_training()
+        rounds = range(self._rounds_done, args.num_rounds)
+        schedule = {r: self._sample_participants(list(clients)) for r in rounds}
+        local_steps = {name: self._local_steps(len(data)) for name, data in clients.items()}
+        planned_steps = {
+            name: sum(local_steps[name] * self.method.num_sub_rounds(r) for r in rounds if name in schedule[r])
+            for name in clients
+        }
+        if self.privacy.enabled:
+            self.privacy.plan(
+                {name: len(data) for name, data in clients.items()},
+                args.per_device_train_batch_size,
+                planned_steps,
+                self.args.device,
+            )
+            logger.info(f"Differential privacy (unit: one example): {self._privacy_summary()}")
+        else:
+            logger.warning("Non-private run: no differential-privacy guarantee (set dp_target_epsilon for one).")
+
+        self.state.max_steps = args.num_rounds
+        self.state.global_step = self._rounds_done
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
+        try:
+            for round_index in rounds:
+                self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+                losses = self._run_round(round_index, schedule[round_index], local_steps)
+                self._rounds_done = round_index + 1
+                self.state.global_step = self._rounds_done
+                self.state.epoch = float(self._rounds_done)
+                self._log_round(round_index, schedule[round_index], losses)
+                self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                last = self._rounds_done == args.num_rounds
+                if self.eval_dataset is not None and (self._rounds_done % args.eval_every_rounds == 0 or last):
+                    self.evaluate()
+                if self.control.should_training_stop:
+                    break
+        finally:
+            self._per_example_gradients.remove()
+            load_into(self._adapter, self._global_state)
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        losses = [entry["train_loss"] for entry in self._round_history if "train_loss" in entry]
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "rounds": self._rounds_done}
+        if self.privacy.enabled:
+            metrics["epsilon"] = self.privacy.max_epsilon()
+        return TrainOutput(global_step=self._rounds_done, training_loss=metrics["train_loss"], metrics=metrics)
+
+    def _run_round(self, round_index: int, participants: list[str], local_steps: Mapping[str, int]) -> list[float]:
+        losses: list[float] = []
+        for sub_round in range(self.method.num_sub_rounds(round_index)):
+            uploads, weights = [], []
+            bar = tqdm(participants, desc=f"round {round_index + 1}", leave=False, disable=self.args.disable_tqdm)
+            for name in bar:
+                upload, client_losses = self._client_update(name, round_index, sub_round, local_steps[name])
+                losses.extend(client_losses)
+                if upload is not None:
+                    uploads.append(upload)
+                    weights.append(self._aggregation_weight(name))
+            if uploads:
+                self._global_state.update(self.method.aggregate(uploads, weights))
+            self.last_upload_nbytes = payload_nbytes(uploads[0]) if uploads else 0
+        load_into(self._adapter, self._global_state)
+        return losses
+
+    def _client_update(
+        self, name: str, round_index: int, sub_round: int, steps: int
+    ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
+        """One client's local work from the global adapter; returns its upload (None if it ran no step)."""
+        load_into(self._adapter, self._global_state)
+        self.model.train()
+        private = self.privacy.enabled
+        optimizer = self._fresh_optimizer()
+        if private:
+            optimizer = self.privacy.private_optimizer(optimizer, name, self.args.per_device_train_batch_size)
+        data = self._prepared_clients[name]
+        order = torch.randperm(len(data), generator=self._data_generators[name]).tolist() if not private else None
+        losses, steps_run = [], 0
+        for step in range(steps):
+            if private and not self.privacy.can_step(name):
+                logger.warning(f"Client {name!r} has spent its privacy budget and stops training.")
+                break
+            self._set_trainable(self.method.trained_factors(round_index, sub_round, step))
+            indices = self._poisson_batch(name, len(data)) if private else _next_batch(order, step, self.args)
+            loss = self._local_step(data, indices, optimizer)
+            if private:
+                self.privacy.record_step(name)
+            if loss is not None:
+                losses.append(loss)
+            steps_run += 1
+        optimizer.zero_grad(set_to_none=True)
+        if steps_run == 0:
+            return None, losses
+        uploaded = parameters_of(self._adapter, self.method.uploaded_factors(round_index, sub_round))
+        return snapshot(uploaded), losses
+
+    def _local_step(self, data: Dataset, indices: list[int], optimizer: torch.optim.Optimizer) -> float | None:
+        """One optimizer step; under DP an empty Poisson batch still takes a (pure-noise) step."""
+        if not indices:
+            for parameter in self._trainable_parameters():
+                parameter.grad_sample = torch.zeros((0, *parameter.shape), device=parameter.device)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        rows = data[indices]
+        features = [{key: values[i] for key, values in rows.items()} for i in range(len(indices))]
+        inputs = self._prepare_inputs(self.data_collator(features))
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(self.model, inputs)
+        self.accelerator.backward(loss)
+        if not self.privacy.enabled and self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self.args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    # ------------------------------------------------------------------------------------
+    # Pieces of a round
+    # ------------------------------------------------------------------------------------
+    def _set_trainable(self, factors: frozenset[str]) -> None:
+        """Freeze everything but the given factors; under DP, keep Opacus's hooks on exactly that set."""
+        trainable = parameters_of(self._adapter, factors)
+        for name, parameter in self._adapter.items():
+            parameter.requires_grad_(name in trainable)
+        if self.privacy.enabled:
+            self._per_example_gradients.attach_for(frozenset(trainable))
+
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self._adapter.values() if p.requires_grad]
+
+    def _fresh_optimizer(self) -> torch.optim.Optimizer:
+        """A new optimizer each client-round (state is reset every round, as the papers do).
+
+        It holds every adapter parameter; those frozen at a step have no gradient and are skipped.
+        """
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups = [
+            {"params": [p for n, p in self._adapter.items() if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in self._adapter.items() if n not in decay], "weight_decay": 0.0},
+        ]
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+        return optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+
+    def _poisson_batch(self, name: str, size: int) -> list[int]:
+        """Poisson sampling: each example joins the batch independently with probability q = batch / n."""
+        rate = self.args.per_device_train_batch_size / size
+        mask = torch.rand(size, generator=self._data_generators[name]) < rate
+        return mask.nonzero().flatten().tolist()
+
+    def _local_steps(self, size: int) -> int:
+        if self.args.local_steps is not None:
+            return self.args.local_steps
+        epochs = self.args.local_epochs if self.args.local_epochs is not None else 1.0
+        return max(1, math.ceil(epochs * size / self.args.per_device_train_batch_size))
+
+    def _sample_participants(self, names: list[str]) -> list[str]:
+        count = self.args.clients_per_round or len(names)
+        chosen = self._participation_rng.choice(len(names), size=count, replace=False)
+        return [names[i] for i in sorted(chosen)]
+
+    def _aggregation_weight(self, name: str) -> float:
+        if self.args.aggregation_weights == "uniform":
+            return 1.0
+        return float(len(self.client_datasets[name]))
+
+    def _clients_ready_for_training(self) -> dict[str, Dataset]:
+        """Client shards with the columns the model does not take removed (once)."""
+        if self._prepared_clients is None:
+            self._prepared_clients = {
+                name: self._remove_unused_columns(data, description=f"client {name}")
+                for name, data in self.client_datasets.items()
+            }
+        return self._prepared_clients
+
+    def _log_round(self, round_index: int, participants: list[str], losses: list[float]) -> None:
+        logs: dict[str, float] = {"round": round_index + 1, "clients": len(participants)}
+        if losses:
+            logs["train_loss"] = float(np.mean(losses))
+        if self.privacy.enabled:
+            logs["epsilon"] = self.privacy.max_epsilon()
+            logs["delta"] = self.privacy.delta
+        self._round_history.append(dict(logs))
+        self.log(logs)
+
+    def _privacy_summary(self) -> str:
+        parts = [
+            f"{name}: n={c.num_examples}, q={c.sample_rate:.4g}, sigma={c.noise_multiplier:.4g}, "
+            f"budget={c.step_budget} steps"
+            for name, c in self.privacy.clients.items()
+        ]
+        target = self.privacy.target_epsilon
+        return (
+            f"target epsilon={target}, delta={self.privacy.delta}, clip norm={self.privacy.clip_norm}, "
+            f"accountant={self.privacy.accountant_name}; " + "; ".join(parts)
+        )
+
+    # ------------------------------------------------------------------------------------
+    # Reports and saving
+    # ------------------------------------------------------------------------------------
+    def privacy_report(self) -> dict[str, Any]:
+        """Epsilon per client and the (sigma, sample rate, steps) history behind it; names unit and accountant."""
+        return self.privacy.report()
+
+    def federated_record(self) -> dict[str, Any]:
+        """What was run: method, federation, partition and the privacy record (saved beside the adapter)."""
+        args = self.args
+        return {
+            "method": _federated_config(self.model).federated_dict(),
+            "rounds": self._rounds_done,
+            "num_clients": len(self.client_datasets),
+            "clients_per_round": args.clients_per_round or len(self.client_datasets),
+            "local_steps": args.local_steps,
+            "local_epochs": args.local_epochs,
+            "batch_size": args.per_device_train_batch_size,
+            "learning_rate": args.learning_rate,
+            "aggregation_weights": args.aggregation_weights,
+            "partition": self._partition_record(),
+            "client_sizes": {name: len(data) for name, data in self.client_datasets.items()},
+            "client_label_histograms": self.client_label_histograms,
+            "privacy": self.privacy_report(),
+            "round_history": self._round_history,
+        }
+
+    def _partition_record(self) -> dict[str, Any]:
+        args = self.args
+        if self._clients_given:
+            return {"scheme": "given"}
+        record: dict[str, Any] = {"scheme": args.partition, "seed": _partition_seed(args)}
+        if args.partition == "dirichlet":
+            record["dirichlet_alpha"] = args.dirichlet_alpha
+        if args.partition == "label_proportions":
+            record["label_proportions"] = args.parsed_label_proportions()
+        if args.partition == "column":
+            record["client_column"] = args.client_column
+        return record
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The global adapter (safetensors, plain PEFT format) and the federated record; nothing pickled."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        load_into(self._adapter, self._global_state)
+        self.model.save_pretrained(output_dir, safe_serialization=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, FEDERATED_RECORD_NAME), "w") as handle:
+            json.dump(self.federated_record(), handle, indent=2, default=_json_default)
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks and helpers (plain functions: they run before the Trainer is built)
+# ----------------------------------------------------------------------------------------
+def _federated_config(model: Any) -> FedLoraConfig:
+    if not isinstance(model, PeftModel):
+        raise ValueError(
+            f"model must be a PeftModel built with get_peft_model(model, FFALoraConfig(...)) or another "
+            f"hf_fedlora config, got {type(model).__name__}"
+        )
+    config = model.peft_config[model.active_adapter]
+    if not isinstance(config, FedLoraConfig):
+        raise ValueError(
+            f"The model's PEFT config is a {type(config).__name__}; FederatedTrainer needs an hf_fedlora config "
+            "(FedLoraConfig, FFALoraConfig, ...) so it knows the federated method"
+        )
+    if not adapter_parameters(model):
+        raise ValueError("The model has no LoRA parameters: check target_modules")
+    return config
+
+
+def _clients_from(
+    train_dataset: Dataset | Sequence[Dataset] | Mapping[str, Dataset] | None, args: FederatedTrainingArguments
+) -> tuple[dict[str, Dataset], bool]:
+    """(name -> client dataset, given ready-made?): from a list/dict or by partitioning; fails before training."""
+    if train_dataset is None:
+        raise ValueError("train_dataset is required: one Dataset to partition, or a list/dict of client datasets")
+    if isinstance(train_dataset, Dataset):
+        if args.partition in ("iid", "dirichlet") and args.num_clients is None:
+            raise ValueError(f"num_clients must be set to split train_dataset with partition={args.partition!r}")
+        clients = partition_dataset(
+            train_dataset,
+            scheme=args.partition,
+            num_clients=args.num_clients,
+            seed=_partition_seed(args),
+            label_column=args.label_column,
+            dirichlet_alpha=args.dirichlet_alpha,
+            label_proportions=args.parsed_label_proportions(),
+            client_column=args.client_column,
+        )
+        given = False
+    elif isinstance(train_dataset, Mapping):
+        clients = {str(name): data for name, data in train_dataset.items()}
+        given = True
+    elif isinstance(train_dataset, Sequence) and not isinstance(train_dataset, str):
+        clients = {f"client_{i}": data for i, data in enumerate(train_dataset)}
+        given = True
+    else:
+        raise ValueError(f"train_dataset must be a Dataset, a list or a dict of Datasets, got {type(train_dataset)}")
+    if given:
+        if not clients:
+            raise ValueError("train_dataset holds no clients")
+        if args.num_clients is not None and args.num_clients != len(clients):
+            raise ValueError(f"num_clients={args.num_clients} but train_dataset holds {len(clients)} clients")
+        for name, data in clients.items():
+            if not isinstance(data, Dataset):
+                raise ValueError(f"client {name!r} is a {type(data).__name__}, expected a datasets.Dataset")
+    empty = [name for name, data in clients.items() if len(data) == 0]
+    if empty:
+        raise ValueError(f"Clients {empty} have no examples: every client needs data")
+    if args.clients_per_round is not None and args.clients_per_round > len(clients):
+        raise ValueError(f"clients_per_round={args.clients_per_round} exceeds the {len(clients)} clients")
+    return clients, given
+
+
+def _partition_seed(args: FederatedTrainingArguments) -> int:
+    return args.partition_seed if args.partition_seed is not None else args.seed
+
+
+def _label_histograms(clients: Mapping[str, Dataset], label_column: str | None) -> dict[str, dict]:
+    columns = [label_column] if label_column else list(DEFAULT_LABEL_COLUMNS)
+    histograms = {}
+    for name, data in clients.items():
+        column = next((c for c in columns if c in data.column_names), None)
+        if column is not None:
+            histograms[name] = {str(k): v for k, v in label_histogram(data, column).items()}
+    return histograms
+
+
+def _next_batch(order: list[int], step: int, args: FederatedTrainingArguments) -> list[int]:
+    """Consecutive slices of a shuffled order, wrapping around (non-private local training)."""
+    size = args.per_device_train_batch_size
+    start = (step * size) % len(order)
+    batch = order[start : start + size]
+    if len(batch) < size:
+        batch = batch + order[: size - len(batch)]
+    return batch
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return str(value)

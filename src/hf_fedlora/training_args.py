@@ -1,0 +1,179 @@
+"""`FederatedTrainingArguments`: `TrainingArguments` plus rounds, clients, partition and the DP budget."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .privacy import ACCOUNTANTS
+
+PARTITIONS = ("iid", "dirichlet", "label_proportions", "column")
+AGGREGATION_WEIGHTS = ("num_examples", "uniform")
+NOISE_CALIBRATIONS = ("per_client", "shared")
+
+
+@dataclass
+class FederatedTrainingArguments(TrainingArguments):
+    """Arguments for `FederatedTrainer`.
+
+    `per_device_train_batch_size` is each client's (expected) batch size; under DP it sets
+    the Poisson sample rate q_k = batch_size / n_k. The usual `learning_rate`, `optim`,
+    `weight_decay`, `eval_strategy`-free evaluation (`eval_every_rounds`), `report_to`,
+    `seed` and `output_dir` apply. `num_train_epochs` and `max_steps` are not used: the
+    length of a run is `num_rounds` x local steps.
+    """
+
+    # --- federation -------------------------------------------------------------------
+    num_rounds: int = field(default=10, metadata={"help": "Communication rounds."})
+    num_clients: int | None = field(
+        default=None,
+        metadata={
+            "help": "Clients to split train_dataset into (iid, dirichlet). Inferred when the clients are given "
+            "ready-made, from label_proportions, or from client_column."
+        },
+    )
+    clients_per_round: int | None = field(
+        default=None, metadata={"help": "Clients sampled uniformly, without replacement, per round. Default: all."}
+    )
+    local_steps: int | None = field(
+        default=None,
+        metadata={"help": "Local optimizer steps per client per (sub-)round. Exclusive with local_epochs."},
+    )
+    local_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Local passes over the client's shard per (sub-)round, in expected examples "
+            "(ceil(local_epochs * n_k / batch size) steps). Default 1 when local_steps is not set."
+        },
+    )
+    aggregation_weights: str = field(
+        default="num_examples",
+        metadata={"help": f"Server weights p_k: one of {AGGREGATION_WEIGHTS} (renormalised over participants)."},
+    )
+    eval_every_rounds: int = field(
+        default=1, metadata={"help": "Evaluate the global adapter on eval_dataset every N rounds (and after the last)."}
+    )
+    # --- partition of a single train_dataset -------------------------------------------
+    partition: str = field(
+        default="iid", metadata={"help": f"How to split one train_dataset among clients: one of {PARTITIONS}."}
+    )
+    partition_seed: int | None = field(default=None, metadata={"help": "Seed of the partition. Default: seed."})
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column for label-based partitions and histograms (auto: label/labels)."}
+    )
+    dirichlet_alpha: float = field(
+        default=0.5, metadata={"help": "Concentration of the Dirichlet label skew; smaller is more skewed."}
+    )
+    label_proportions: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON list of per-client label shares, e.g. '[[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]]': row k is "
+            "client k, column c the c-th label; each label's examples are split in proportion to its column."
+        },
+    )
+    client_column: str | None = field(
+        default=None, metadata={"help": "Column holding a natural client id (partition='column')."}
+    )
+    # --- differential privacy ----------------------------------------------------------
+    dp_target_epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": "Target epsilon per client (unit: one example). Each client's noise multiplier is calibrated "
+            "before training so it just meets it. Exclusive with dp_noise_multiplier. Unset (with "
+            "dp_noise_multiplier unset) means a non-private run."
+        },
+    )
+    dp_target_delta: float = field(
+        default=1e-5, metadata={"help": "Delta of the guarantee; must be far below 1/n for every client."}
+    )
+    dp_noise_multiplier: float | None = field(
+        default=None,
+        metadata={"help": "Noise multiplier sigma for every client, set directly (epsilon is then only reported)."},
+    )
+    dp_clip_norm: float = field(
+        default=1.0, metadata={"help": "Per-example clipping norm C over all trainable tensors together."}
+    )
+    dp_accountant: str = field(
+        default="prv", metadata={"help": f"Privacy accountant: one of {sorted(ACCOUNTANTS)} (PRV is tighter)."}
+    )
+    dp_noise_calibration: str = field(
+        default="per_client",
+        metadata={
+            "help": f"One of {NOISE_CALIBRATIONS}: each client its own noise just meeting the target, or one "
+            "shared noise set by the worst-placed client (more noise for everyone else)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_federation()
+        self._check_privacy()
+
+    @property
+    def private(self) -> bool:
+        return self.dp_target_epsilon is not None or self.dp_noise_multiplier is not None
+
+    def parsed_label_proportions(self) -> list[list[float]] | None:
+        if self.label_proportions is None or isinstance(self.label_proportions, list):
+            return self.label_proportions
+        return json.loads(self.label_proportions)
+
+    def _check_federation(self) -> None:
+        _require_int(self.num_rounds, "num_rounds", minimum=1)
+        if self.num_clients is not None:
+            _require_int(self.num_clients, "num_clients", minimum=1)
+        if self.clients_per_round is not None:
+            _require_int(self.clients_per_round, "clients_per_round", minimum=1)
+            if self.num_clients is not None and self.clients_per_round > self.num_clients:
+                raise ValueError(f"clients_per_round={self.clients_per_round} exceeds num_clients={self.num_clients}")
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError("Set local_steps or local_epochs, not both")
+        if self.local_steps is not None:
+            _require_int(self.local_steps, "local_steps", minimum=1)
+        if self.local_epochs is not None and not self.local_epochs > 0:
+            raise ValueError(f"local_epochs must be > 0, got {self.local_epochs}")
+        _require_choice(self.aggregation_weights, "aggregation_weights", AGGREGATION_WEIGHTS)
+        _require_int(self.eval_every_rounds, "eval_every_rounds", minimum=1)
+        _require_choice(self.partition, "partition", PARTITIONS)
+        if not self.dirichlet_alpha > 0:
+            raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
+        if self.label_proportions is not None and not isinstance(self.label_proportions, list):
+            try:
+                json.loads(self.label_proportions)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"label_proportions must be a JSON list of lists, got {self.label_proportions!r}: {error}"
+                ) from error
+
+    def _check_privacy(self) -> None:
+        if self.dp_target_epsilon is not None and self.dp_noise_multiplier is not None:
+            raise ValueError(
+                "Set dp_target_epsilon or dp_noise_multiplier, not both: with a target, each client's noise "
+                "multiplier is calibrated to meet it"
+            )
+        if self.dp_target_epsilon is not None and not self.dp_target_epsilon > 0:
+            raise ValueError(f"dp_target_epsilon must be > 0, got {self.dp_target_epsilon}")
+        if not 0 < self.dp_target_delta < 1:
+            raise ValueError(f"dp_target_delta must be in (0, 1), got {self.dp_target_delta}")
+        if self.dp_noise_multiplier is not None and not self.dp_noise_multiplier > 0:
+            raise ValueError(f"dp_noise_multiplier must be > 0, got {self.dp_noise_multiplier}")
+        if not self.dp_clip_norm > 0:
+            raise ValueError(f"dp_clip_norm must be > 0, got {self.dp_clip_norm}")
+        _require_choice(self.dp_accountant, "dp_accountant", tuple(sorted(ACCOUNTANTS)))
+        _require_choice(self.dp_noise_calibration, "dp_noise_calibration", NOISE_CALIBRATIONS)
+        if self.private and self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "gradient_accumulation_steps must be 1 under DP: each Poisson-sampled batch is one private step"
+            )
+
+
+def _require_int(value, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _require_choice(value, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
