@@ -13,12 +13,15 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset
 from peft import PeftModel
+from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput
@@ -32,13 +35,13 @@ from .federation.adapter_state import (
     snapshot,
 )
 from .federation.partition import DEFAULT_LABEL_COLUMNS, label_histogram, partition_dataset
+from .hub import CARD_NAME, FEDERATED_RECORD_NAME, save_model_card, upload_files
 from .methods import FedLoraConfig
 from .privacy import FederatedPrivacy, PerExampleGradients, check_supported
+from .privacy.engine import SAMPLING_STREAM, derived_seed
 from .training_args import FederatedTrainingArguments
 
 logger = logging.get_logger(__name__)
-
-FEDERATED_RECORD_NAME = "federated_training.json"
 
 
 class FederatedTrainer(Trainer):
@@ -71,7 +74,7 @@ class FederatedTrainer(Trainer):
             clip_norm=args.dp_clip_norm,
             accountant=args.dp_accountant,
             calibration=args.dp_noise_calibration,
-            seed=args.seed,
+            noise_seed=args.dp_noise_seed,
         )
         if self.privacy.enabled:
             check_supported(self.model, set(self._adapter))
@@ -82,11 +85,13 @@ class FederatedTrainer(Trainer):
         self._rounds_done = 0
         self._round_history: list[dict[str, float]] = []
         self._data_generators = {
-            name: torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+            name: torch.Generator().manual_seed(derived_seed(args.seed, index, SAMPLING_STREAM))
             for index, name in enumerate(self.client_datasets)
         }
         self._participation_rng = np.random.default_rng(args.seed)
         self._prepared_clients: dict[str, Dataset] | None = None
+        self._model_card_kwargs: dict[str, Any] = {}
+        self._saved_files: list[str] = []
         if hasattr(self.model, "add_model_tags"):
             tags = ["hf_fedlora", "federated-learning", self.method.name]
             self.model.add_model_tags(tags + (["differential-privacy"] if self.privacy.enabled else []))
@@ -132,7 +137,7 @@ class FederatedTrainer(Trainer):
                 self.control = self.callback_handler.on_step_end(args, self.state, self.control)
                 last = self._rounds_done == args.num_rounds
                 if self.eval_dataset is not None and (self._rounds_done % args.eval_every_rounds == 0 or last):
-                    self.evaluate()
+                    self._round_history[-1].update(self.evaluate())
                 if self.control.should_training_stop:
                     break
         finally:
@@ -303,8 +308,19 @@ class FederatedTrainer(Trainer):
     def federated_record(self) -> dict[str, Any]:
         """What was run: method, federation, partition and the privacy record (saved beside the adapter)."""
         args = self.args
+        config = _federated_config(self.model)
         return {
-            "method": _federated_config(self.model).federated_dict(),
+            "method": config.federated_dict(),
+            "base_model": config.base_model_name_or_path,
+            "num_labels": getattr(getattr(self.model, "config", None), "num_labels", None),
+            "task_type": str(config.task_type.value if hasattr(config.task_type, "value") else config.task_type),
+            "lora": {
+                "r": config.r,
+                "lora_alpha": config.lora_alpha,
+                "target_modules": sorted(config.target_modules)
+                if isinstance(config.target_modules, (set, list))
+                else config.target_modules,
+            },
             "rounds": self._rounds_done,
             "num_clients": len(self.client_datasets),
             "clients_per_round": args.clients_per_round or len(self.client_datasets),
@@ -341,10 +357,77 @@ class FederatedTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         load_into(self._adapter, self._global_state)
         self.model.save_pretrained(output_dir, safe_serialization=True)
+        written = [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+            saved = self.processing_class.save_pretrained(output_dir) or []
+            written += [
+                os.path.basename(path)
+                for path in saved
+                if os.path.dirname(os.path.abspath(path)) == os.path.abspath(output_dir)
+            ]
+        record = json.loads(json.dumps(self.federated_record(), default=_json_default))
         with open(os.path.join(output_dir, FEDERATED_RECORD_NAME), "w") as handle:
-            json.dump(self.federated_record(), handle, indent=2, default=_json_default)
+            json.dump(record, handle, indent=2)
+        save_model_card(output_dir, record, **self._model_card_kwargs)  # replaces PEFT's generic README.md
+        self._saved_files = sorted(set(written + [FEDERATED_RECORD_NAME, CARD_NAME]))
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the model card (privacy guarantee, method, federation, results) into output_dir.
+
+        The arguments are remembered: every later save writes the card again with them, as TRL does.
+        """
+        if model_name is not None:
+            self._model_card_kwargs["model_name"] = model_name
+        if dataset_name is not None:
+            self._model_card_kwargs["dataset_name"] = dataset_name
+        if tags is not None:
+            self._model_card_kwargs["tags"] = [tags] if isinstance(tags, str) else list(tags)
+        if not self.is_world_process_zero():
+            return
+        record = json.loads(json.dumps(self.federated_record(), default=_json_default))
+        save_model_card(self.args.output_dir, record, **self._model_card_kwargs)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Only remember the repo id here: the repo is created when something is pushed."""
+        self.hub_model_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.push_in_progress = None
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ):
+        """Upload the global adapter, its model card and the federated record to `args.hub_model_id`.
+
+        Only those files go up: never per-client states, data or optimizer state. Keyword arguments
+        (`model_name`, `dataset_name`, `tags`) go to `create_model_card`.
+        """
+        self._model_card_kwargs.setdefault(
+            "repo_id", self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        )
+        self.create_model_card(**kwargs)
+        self.save_model(self.args.output_dir)
+        if not self.is_world_process_zero():
+            return None
+        return upload_files(
+            self.args.output_dir,
+            self._saved_files,
+            repo_id=self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+            commit_message=commit_message or "End of training",
+            revision=revision if revision is not None else self.args.hub_revision,
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -420,8 +503,12 @@ def _label_histograms(clients: Mapping[str, Dataset], label_column: str | None) 
     histograms = {}
     for name, data in clients.items():
         column = next((c for c in columns if c in data.column_names), None)
-        if column is not None:
+        if column is None:
+            continue
+        try:
             histograms[name] = {str(k): v for k, v in label_histogram(data, column).items()}
+        except ValueError:  # not class labels (e.g. regression targets): nothing to count
+            continue
     return histograms
 
 

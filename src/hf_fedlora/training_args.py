@@ -86,7 +86,10 @@ class FederatedTrainingArguments(TrainingArguments):
         },
     )
     dp_target_delta: float = field(
-        default=1e-5, metadata={"help": "Delta of the guarantee; must be far below 1/n for every client."}
+        default=1e-5,
+        metadata={
+            "help": "Delta of the guarantee; refused unless below 1/n for every client, with a warning above 0.1/n."
+        },
     )
     dp_noise_multiplier: float | None = field(
         default=None,
@@ -94,6 +97,13 @@ class FederatedTrainingArguments(TrainingArguments):
     )
     dp_clip_norm: float = field(
         default=1.0, metadata={"help": "Per-example clipping norm C over all trainable tensors together."}
+    )
+    dp_noise_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the DP noise, for reproducible experiments only: whoever knows it can regenerate and "
+            "remove the noise. Default: fresh OS entropy each run."
+        },
     )
     dp_accountant: str = field(
         default="prv", metadata={"help": f"Privacy accountant: one of {sorted(ACCOUNTANTS)} (PRV is tighter)."}

@@ -13,7 +13,7 @@ import json
 import math
 import numbers
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from datasets import Dataset
@@ -44,13 +44,7 @@ def partition_dirichlet(
         raise ValueError(f"dirichlet_alpha must be a finite number > 0, got {alpha!r}")
     groups = _indices_by_value(_read_column(dataset, label_column, "label_column"))
     rng = np.random.default_rng(seed)
-    chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-    for indices in groups.values():
-        shuffled = rng.permutation(indices)
-        proportions = rng.dirichlet(np.full(num_clients, float(alpha)))
-        for client, chunk in enumerate(_split_by_proportions(shuffled, proportions)):
-            chunks[client].append(chunk)
-    parts = [np.concatenate(client_chunks) for client_chunks in chunks]
+    parts = _split_each_label(groups, num_clients, rng, lambda _: rng.dirichlet(np.full(num_clients, float(alpha))))
     empty = _empty_clients(parts)
     if empty:
         raise ValueError(
@@ -74,13 +68,9 @@ def partition_by_label_proportions(
             f"label_proportions has {matrix.shape[1]} columns but label_column {label_column!r} has "
             f"{len(groups)} distinct labels {list(groups)}; give one column per label, in sorted label order"
         )
+    columns = dict(zip(groups, matrix.T, strict=True))
     rng = np.random.default_rng(seed)
-    chunks: list[list[np.ndarray]] = [[] for _ in range(matrix.shape[0])]
-    for column, indices in zip(matrix.T, groups.values(), strict=True):
-        shuffled = rng.permutation(indices)
-        for client, chunk in enumerate(_split_by_proportions(shuffled, column / column.sum())):
-            chunks[client].append(chunk)
-    parts = [np.concatenate(client_chunks) for client_chunks in chunks]
+    parts = _split_each_label(groups, matrix.shape[0], rng, lambda label: columns[label] / columns[label].sum())
     empty = _empty_clients(parts)
     if empty:
         raise ValueError(
@@ -88,6 +78,18 @@ def partition_by_label_proportions(
             "too few examples of their labels; use more data or larger proportions for those rows"
         )
     return _select_clients(dataset, parts)
+
+
+def _split_each_label(
+    groups: dict, num_clients: int, rng: np.random.Generator, proportions_for: Callable[[object], np.ndarray]
+) -> list[np.ndarray]:
+    """Shuffle each label's examples and cut them among the clients by that label's proportions."""
+    chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for label, indices in groups.items():
+        shuffled = rng.permutation(indices)
+        for client, chunk in enumerate(_split_by_proportions(shuffled, proportions_for(label))):
+            chunks[client].append(chunk)
+    return [np.concatenate(client_chunks) for client_chunks in chunks]
 
 
 def partition_by_column(dataset: Dataset, column: str) -> dict[str, Dataset]:

@@ -4,4 +4,24 @@ from .base import FederatedMethod
 from .ffa_lora import FFALoraConfig, FFALoraMethod
 from .lora import FedLoraConfig, FedLoraMethod
 
-__all__ = ["FederatedMethod", "FedLoraConfig", "FedLoraMethod", "FFALoraConfig", "FFALoraMethod"]
+CONFIG_CLASSES: tuple[type[FedLoraConfig], ...] = (FedLoraConfig, FFALoraConfig)
+
+
+def config_class_for(method_name: str) -> type[FedLoraConfig]:
+    """The config class of a method, by the name recorded in a saved adapter's federated record."""
+    for config_cls in CONFIG_CLASSES:
+        if config_cls.method_class.name == method_name:
+            return config_cls
+    known = [c.method_class.name for c in CONFIG_CLASSES]
+    raise ValueError(f"Unknown federated method {method_name!r}; this hf_fedlora knows {known}")
+
+
+__all__ = [
+    "CONFIG_CLASSES",
+    "config_class_for",
+    "FederatedMethod",
+    "FedLoraConfig",
+    "FedLoraMethod",
+    "FFALoraConfig",
+    "FFALoraMethod",
+]

@@ -7,7 +7,7 @@ methods improve on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from peft import LoraConfig
@@ -63,6 +63,33 @@ class FedLoraConfig(LoraConfig):
         for name in self.federated_fields:
             config.pop(name, None)
         return config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """Load a saved federated adapter's config as the method's own config class (e.g. `FFALoraConfig`).
+
+        `adapter_config.json` holds the plain LoRA fields; the method and its federated settings come from
+        the `federated_training.json` saved beside it (local folder or Hub repo).
+        """
+        from ..hub import load_federated_record
+        from . import config_class_for
+
+        plain = LoraConfig.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        location = (
+            pretrained_model_name_or_path if subfolder is None else f"{pretrained_model_name_or_path}/{subfolder}"
+        )
+        hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+        record = load_federated_record(location, **hub_kwargs)
+        config_cls = config_class_for(record["method"]["method"])
+        if not issubclass(config_cls, cls):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a {config_cls.__name__} adapter, not a {cls.__name__}"
+            )
+        values = {f.name: getattr(plain, f.name) for f in fields(LoraConfig) if f.init}
+        values.update(
+            {name: record["method"][name] for name in config_cls.federated_fields if name in record["method"]}
+        )
+        return config_cls(**values)
 
     def federated_dict(self) -> dict[str, Any]:
         """The method and its federated settings (what `to_dict` leaves out), for the run's record."""

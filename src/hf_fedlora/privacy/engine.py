@@ -9,18 +9,29 @@ amplification from client sampling is claimed.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from opacus.accountants import IAccountant
 from opacus.optimizers import DPOptimizer
+from transformers.utils import logging
 
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_noise_multiplier
 
 UNIT = "example"
+SAMPLING_STREAM, NOISE_STREAM = 0, 1
+
+logger = logging.get_logger(__name__)
+
+
+def derived_seed(seed: int, client_index: int, stream: int) -> int:
+    """Independent per-client seeds for independent streams (batch sampling vs. DP noise)."""
+    return int(np.random.SeedSequence([seed, client_index, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -55,7 +66,7 @@ class FederatedPrivacy:
         clip_norm: float,
         accountant: str = "prv",
         calibration: str = "per_client",
-        seed: int = 0,
+        noise_seed: int | None = None,
     ):
         self.target_epsilon = target_epsilon
         self.delta = target_delta
@@ -63,7 +74,9 @@ class FederatedPrivacy:
         self.clip_norm = clip_norm
         self.accountant_name = accountant
         self.calibration = calibration
-        self.seed = seed
+        # Anyone who knows the noise seed can regenerate the noise and subtract it: by default it is fresh
+        # OS entropy, never the run's recorded seed. A fixed seed is for reproducible experiments only.
+        self.noise_seed = noise_seed if noise_seed is not None else secrets.randbits(63)
         self.clients: dict[str, ClientPrivacy] = {}
 
     @property
@@ -92,8 +105,13 @@ class FederatedPrivacy:
                 )
             if self.delta >= 1.0 / size:
                 raise ValueError(
-                    f"dp_target_delta={self.delta} is not far below 1/n for client {name!r} (n={size}): a delta "
-                    "that large allows releasing whole records. Use a delta well below 1/n (e.g. 1e-5)."
+                    f"dp_target_delta={self.delta} is not below 1/n for client {name!r} (n={size}): a delta "
+                    "that large allows releasing whole records. Use a delta far below 1/n (e.g. 1e-5)."
+                )
+            if self.delta > 0.1 / size:
+                logger.warning(
+                    f"dp_target_delta={self.delta} is not far below 1/n for client {name!r} (n={size}, "
+                    f"1/n={1.0 / size:.3g}); a delta below {0.1 / size:.3g} is the usual advice."
                 )
         new_clients = [name for name in client_sizes if name not in self.clients]
         sigmas = {name: self._noise_for(client_sizes[name], batch_size, planned_steps[name]) for name in new_clients}
@@ -104,7 +122,7 @@ class FederatedPrivacy:
             if name in self.clients:
                 continue
             generator = torch.Generator(device=device)
-            generator.manual_seed(self.seed * 1_000_003 + index)
+            generator.manual_seed(derived_seed(self.noise_seed, index, NOISE_STREAM))
             self.clients[name] = ClientPrivacy(
                 num_examples=client_sizes[name],
                 sample_rate=batch_size / client_sizes[name],
@@ -140,13 +158,13 @@ class FederatedPrivacy:
                     f"multiplier {client.noise_multiplier:.4g}, sample rate {client.sample_rate:.4g} -> epsilon "
                     f"{epsilon:.3f}"
                 )
-            else:
-                client.step_budget = client.steps_taken + steps
         if problems:
             raise ValueError(
                 f"This plan would exceed dp_target_epsilon={self.target_epsilon} (delta={self.delta}, "
                 f"{self.accountant_name} accountant); nothing was trained. " + "; ".join(problems)
             )
+        for name, steps in planned_steps.items():
+            self.clients[name].step_budget = self.clients[name].steps_taken + steps
 
     # --- during training --------------------------------------------------------------
     def can_step(self, name: str) -> bool:
