@@ -311,6 +311,8 @@ def test_training_past_the_budget_is_refused_and_loses_nothing(tmp_path):
     assert projected > target
 
     trainer.args.num_rounds = 2
+    budgets = {name: c.step_budget for name, c in trainer.privacy.clients.items()}
+    participation = trainer._participation_rng.bit_generator.state
     with pytest.raises(ValueError, match="dp_target_epsilon") as error:
         trainer.train()
 
@@ -320,6 +322,8 @@ def test_training_past_the_budget_is_refused_and_loses_nothing(tmp_path):
     assert all(torch.equal(adapter[name], trainer._global_state[name]) for name in adapter)
     assert all(torch.equal(weights[name], p) for name, p in trainer.model.named_parameters())
     assert trainer.state.global_step == 1
+    assert {name: c.step_budget for name, c in trainer.privacy.clients.items()} == budgets
+    assert trainer._participation_rng.bit_generator.state == participation
 
 
 # ----------------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ class FederatedTrainer(Trainer):
         args = self.args
         clients = self._clients_ready_for_training()
         rounds = range(self._rounds_done, args.num_rounds)
+        participation_state = self._participation_rng.bit_generator.state  # restored if the plan is refused
         schedule = {r: self._sample_participants(list(clients)) for r in rounds}
         local_steps = {name: self._local_steps(len(data)) for name, data in clients.items()}
         planned_steps = {
@@ -113,12 +114,16 @@ class FederatedTrainer(Trainer):
             for name in clients
         }
         if self.privacy.enabled:
-            self.privacy.plan(
-                {name: len(data) for name, data in clients.items()},
-                args.per_device_train_batch_size,
-                planned_steps,
-                self.args.device,
-            )
+            try:
+                self.privacy.plan(
+                    {name: len(data) for name, data in clients.items()},
+                    args.per_device_train_batch_size,
+                    planned_steps,
+                    self.args.device,
+                )
+            except ValueError:
+                self._participation_rng.bit_generator.state = participation_state
+                raise
             logger.info(f"Differential privacy (unit: one example): {self._privacy_summary()}")
         else:
             logger.warning("Non-private run: no differential-privacy guarantee (set dp_target_epsilon for one).")
