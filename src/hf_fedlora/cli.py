@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
@@ -133,6 +133,7 @@ def run_demo(argv: list[str]) -> dict:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     started = time.time()
 
+    set_seed(args.seed)  # the fresh classifier head is drawn from it
     tokenizer, train, test = load_tweet_task(demo, seed=args.seed)
     config = FFALoraConfig(
         r=demo.lora_r, lora_alpha=demo.lora_alpha, target_modules=["query", "value"], task_type="SEQ_CLS"
