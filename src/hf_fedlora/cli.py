@@ -21,6 +21,9 @@ from .hub import format_delta, format_epsilon
 from .training_args import FederatedTrainingArguments
 
 
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 @dataclass
 class DemoArguments:
     """What the demo fine-tunes, on what data."""
@@ -139,6 +142,8 @@ def run_demo(argv: list[str]) -> dict:
         r=demo.lora_r, lora_alpha=demo.lora_alpha, target_modules=["query", "value"], task_type="SEQ_CLS"
     )
     model = get_peft_model(minilm_classifier(), config)
+    # The pip package ships this Hub model; name it so the saved adapter and its card point where users load from.
+    model.peft_config["default"].base_model_name_or_path = MINILM_HUB_ID
     trainer = FederatedTrainer(
         model=model,
         args=args,
