@@ -20,7 +20,6 @@ from transformers.utils import logging as hf_logging
 from .hub import format_delta, format_epsilon
 from .training_args import FederatedTrainingArguments
 
-
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
