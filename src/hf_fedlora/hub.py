@@ -49,7 +49,8 @@ METHODS = {
     "ffa_lora": (
         "FFA-LoRA",
         "A is frozen at a shared seeded init on every client; only B is trained, uploaded and averaged, so "
-        "averaging B is exactly averaging the clients' updates, and the upload is half of LoRA's.",
+        "averaging B is exactly averaging the clients' updates, and the LoRA part of the upload is half of LoRA's "
+        "(a task head, if any, is sent in full by both).",
     ),
     "lora": (
         "LoRA (the DP-LoRA / FedIT baseline)",

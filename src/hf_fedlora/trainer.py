@@ -31,7 +31,6 @@ from .federation.adapter_state import (
     adapter_parameters,
     load_into,
     parameters_of,
-    payload_nbytes,
     snapshot,
 )
 from .federation.partition import DEFAULT_LABEL_COLUMNS, label_histogram, partition_dataset
@@ -170,7 +169,6 @@ class FederatedTrainer(Trainer):
                     weights.append(self._aggregation_weight(name))
             if uploads:
                 self._global_state.update(self.method.aggregate(uploads, weights))
-            self.last_upload_nbytes = payload_nbytes(uploads[0]) if uploads else 0
         load_into(self._adapter, self._global_state)
         return losses
 

@@ -2,8 +2,9 @@
 
 With every client holding the same A, averaging B is exactly averaging the clients'
 updates (aggregation deviation zero), the DP noise lands on B alone (no noise-times-noise
-term), and the upload is half of LoRA's. Changing lora_alpha only rescales B's learning
-rate, so FFA-LoRA wants a larger learning rate than LoRA.
+term), and the LoRA upload is half of LoRA's (a task head is sent in full by both).
+Changing lora_alpha only rescales B's learning rate, so FFA-LoRA wants a larger
+learning rate than LoRA.
 """
 
 from __future__ import annotations
