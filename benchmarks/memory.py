@@ -53,6 +53,7 @@ import psutil
 from peft import get_peft_model
 
 from hf_fedlora import FederatedTrainer, FederatedTrainingArguments
+from hf_fedlora.federation.adapter_state import adapter_parameters, parameters_of, payload_nbytes
 from hf_fedlora.methods import CONFIG_CLASSES
 
 MIB = 2**20
@@ -122,12 +123,14 @@ def client_states(trainer: FederatedTrainer) -> dict[str, int]:
     noise_rng = sum(c.noise_generator.get_state().numel() for c in clients)
     accountants = sum(accountant_nbytes(c.accountant) + sys.getsizeof(c) for c in clients)
     participants = trainer.args.clients_per_round or len(trainer.client_datasets)
-    payloads = participants * trainer.last_upload_nbytes
+    upload = parameters_of(adapter_parameters(trainer.model), trainer.method.uploaded_factors(0, 0))
+    payload = payload_nbytes(upload)
+    payloads = participants * payload
     return {
         "sampling_rng_bytes": sampling_rng,
         "noise_rng_bytes": noise_rng,
         "accountant_bytes": accountants,
-        "payload_bytes": trainer.last_upload_nbytes,
+        "payload_bytes": payload,
         "payloads_held_bytes": payloads,
         "expected_bytes": sampling_rng + noise_rng + accountants + payloads,
     }

@@ -112,3 +112,21 @@ def test_every_checkpoint_carries_adapter_card_and_record(tmp_path):
     first = load_file(str(Path(trainer.args.output_dir) / "checkpoint-1" / "adapter_model.safetensors"))
     last = load_file(str(Path(trainer.args.output_dir) / "checkpoint-2" / "adapter_model.safetensors"))
     assert any(not torch.equal(first[k], last[k]) for k in first if "lora_B" in k)  # saved per round, not once
+
+
+def test_push_to_hub_argument_pushes_at_checkpoints_and_on_save_model(tmp_path):
+    """args.push_to_hub with hub_strategy='every_save' pushes after every round checkpoint and on save_model()."""
+    trainer = _private_trainer(
+        tmp_path, push_to_hub=True, hub_strategy="every_save", save_strategy="epoch", num_rounds=2
+    )
+    with (
+        mock.patch.object(HfApi, "create_repo") as create_repo,
+        mock.patch.object(HfApi, "upload_folder") as upload_folder,
+    ):
+        trainer.train()
+        assert upload_folder.call_count == 2  # one push per round checkpoint
+        trainer.save_model()  # Trainer semantics: save_model pushes when push_to_hub is set
+    assert upload_folder.call_count == 3 and create_repo.call_count == 3
+    messages = [call.kwargs["commit_message"] for call in upload_folder.call_args_list]
+    assert messages[:2] == ["Training in progress, round 1", "Training in progress, round 2"]
+    assert all(set(call.kwargs["allow_patterns"]) == ADAPTER_FILES for call in upload_folder.call_args_list)

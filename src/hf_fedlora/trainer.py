@@ -144,6 +144,8 @@ class FederatedTrainer(Trainer):
                     self._round_history[-1].update(self.evaluate())
                 if self._checkpoint_due():
                     self._save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self._rounds_done}"))
+                    if args.push_to_hub and str(getattr(args.hub_strategy, "value", args.hub_strategy)) != "end":
+                        self.push_to_hub(commit_message=f"Training in progress, round {self._rounds_done}")
                 if self.control.should_training_stop:
                     break
         finally:
@@ -431,7 +433,7 @@ class FederatedTrainer(Trainer):
             "repo_id", self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         )
         self.create_model_card(**kwargs)
-        self.save_model(self.args.output_dir)
+        self.save_model(self.args.output_dir, _internal_call=True)  # not internal: Trainer would push again
         if not self.is_world_process_zero():
             return None
         return upload_files(

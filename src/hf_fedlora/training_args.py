@@ -22,7 +22,11 @@ class FederatedTrainingArguments(TrainingArguments):
     the Poisson sample rate q_k = batch_size / n_k. The usual `learning_rate`, `optim`,
     `weight_decay`, `eval_strategy`-free evaluation (`eval_every_rounds`), `report_to`,
     `seed` and `output_dir` apply. `num_train_epochs` and `max_steps` are not used: the
-    length of a run is `num_rounds` x local steps.
+    length of a run is `num_rounds` x local steps. `save_strategy`/`save_steps` count rounds
+    ("epoch" = every round); each checkpoint holds the global adapter, its card and the run's
+    record. With `push_to_hub`, `hub_strategy="end"` pushes on `save_model()`/`push_to_hub()`
+    only; any other strategy also pushes the global adapter at every checkpoint (checkpoint
+    folders themselves are not pushed).
     """
 
     # --- federation -------------------------------------------------------------------
