@@ -382,7 +382,7 @@ class FederatedTrainer(Trainer):
                 for path in saved
                 if os.path.dirname(os.path.abspath(path)) == os.path.abspath(output_dir)
             ]
-        record = json.loads(json.dumps(self.federated_record(), default=_json_default))
+        record = self._json_record()
         with open(os.path.join(output_dir, FEDERATED_RECORD_NAME), "w") as handle:
             json.dump(record, handle, indent=2)
         save_model_card(output_dir, record, **self._model_card_kwargs)  # replaces PEFT's generic README.md
@@ -399,20 +399,31 @@ class FederatedTrainer(Trainer):
 
         The arguments are remembered: every later save writes the card again with them, as TRL does.
         """
+        self._remember_card_arguments(model_name, dataset_name, tags)
+        if self.is_world_process_zero():
+            save_model_card(self.args.output_dir, self._json_record(), **self._model_card_kwargs)
+
+    def _remember_card_arguments(
+        self, model_name: str | None, dataset_name: str | None, tags: str | list[str] | None
+    ) -> None:
         if model_name is not None:
             self._model_card_kwargs["model_name"] = model_name
         if dataset_name is not None:
             self._model_card_kwargs["dataset_name"] = dataset_name
         if tags is not None:
             self._model_card_kwargs["tags"] = [tags] if isinstance(tags, str) else list(tags)
-        if not self.is_world_process_zero():
-            return
-        record = json.loads(json.dumps(self.federated_record(), default=_json_default))
-        save_model_card(self.args.output_dir, record, **self._model_card_kwargs)
+
+    def _json_record(self) -> dict[str, Any]:
+        """The federated record as plain JSON types (what the sidecar holds and the card is rendered from)."""
+        return json.loads(json.dumps(self.federated_record(), default=_json_default))
+
+    def _repo_id(self) -> str:
+        """Trainer's rule: hub_model_id, else the output folder's name."""
+        return self.args.hub_model_id or Path(self.args.output_dir).absolute().name
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """Only remember the repo id here: the repo is created when something is pushed."""
-        self.hub_model_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        self.hub_model_id = self._repo_id()
         self.push_in_progress = None
 
     def push_to_hub(
@@ -427,19 +438,18 @@ class FederatedTrainer(Trainer):
         """Upload the global adapter, its model card and the federated record to `args.hub_model_id`.
 
         Only those files go up: never per-client states, data or optimizer state. Keyword arguments
-        (`model_name`, `dataset_name`, `tags`) go to `create_model_card`.
+        (`model_name`, `dataset_name`, `tags`) go to the model card, as with `create_model_card`.
         """
-        self._model_card_kwargs.setdefault(
-            "repo_id", self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-        )
-        self.create_model_card(**kwargs)
-        self.save_model(self.args.output_dir, _internal_call=True)  # not internal: Trainer would push again
+        self._model_card_kwargs.setdefault("repo_id", self._repo_id())
+        self._remember_card_arguments(kwargs.get("model_name"), kwargs.get("dataset_name"), kwargs.get("tags"))
+        # _internal_call: otherwise Trainer.save_model would call push_to_hub again (args.push_to_hub).
+        self.save_model(self.args.output_dir, _internal_call=True)  # writes adapter, record and card
         if not self.is_world_process_zero():
             return None
         return upload_files(
             self.args.output_dir,
             self._saved_files,
-            repo_id=self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            repo_id=self._repo_id(),
             token=token if token is not None else self.args.hub_token,
             private=private if private is not None else self.args.hub_private_repo,
             commit_message=commit_message or "End of training",
