@@ -45,6 +45,23 @@ class FederatedMethod:
         """What a client sends after the sub-round: by default whatever could have trained in it."""
         return frozenset({LORA_A, LORA_B, HEAD})
 
+    # --- what the privacy layer and the optimizer need to know --------------------------
+    def regulates_noise(self) -> bool:
+        """DEeR's noise regulator: shape the DP noise on a trained LoRA factor by its peer's current value.
+
+        The privacy layer does the shaping (and keeps the noise at least nominal in every direction);
+        the method only says whether it wants it.
+        """
+        return False
+
+    def noisy_gradient_filter(self) -> str | None:
+        """Name of a post-noise filter (LA-LoRA: "binomial_lowpass") the privacy layer applies; None for none."""
+        return None
+
+    def learning_rate_scale(self, factor: str) -> float:
+        """Multiplier of the learning rate for one factor (LoRA A, LoRA B or the head); 1 by default."""
+        return 1.0
+
     # --- how the server combines ------------------------------------------------------
     def aggregate(
         self, uploads: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
