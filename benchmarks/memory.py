@@ -155,7 +155,7 @@ def run_child(options: argparse.Namespace) -> dict[str, Any]:
             per_device_train_batch_size=options.batch_size,
             learning_rate=5e-4,
             dp_noise_multiplier=options.noise_multiplier,
-            dp_noise_seed=options.seed,
+            dp_secret_seed=options.seed,
             dp_accountant=options.accountant,
             seed=options.seed,
             report_to=[],

@@ -114,7 +114,7 @@ def build_central(task: Task, setup: Setup, output_dir: str) -> Trainer:
 def federated_builder(config_cls: type[FedLoraConfig], private: bool) -> Callable[..., Trainer]:
     def build(task: Task, setup: Setup, output_dir: str) -> Trainer:
         model = get_peft_model(task.fresh_model(), config_cls(**lora_kwargs(setup)))
-        privacy = {"dp_noise_multiplier": setup.noise_multiplier, "dp_noise_seed": setup.seed} if private else {}
+        privacy = {"dp_noise_multiplier": setup.noise_multiplier, "dp_secret_seed": setup.seed} if private else {}
         args = FederatedTrainingArguments(
             num_rounds=setup.rounds,
             num_clients=setup.clients,

@@ -5,7 +5,7 @@ Setting: all-MiniLM-L6-v2 (r=8 on query/value, trainable classifier head) on the
 Each method in `hf_fedlora.methods.CONFIG_CLASSES` runs at each target epsilon (per client, unit one
 example, delta 1e-5) and non-private, over several seeds; the seed drives the partition, the client
 sampling streams, the classifier head's init and the shared init of A (`init_seed`). DP noise is drawn
-from fresh OS entropy (`dp_noise_seed=None`), as a real run would.
+from fresh OS entropy (`dp_secret_seed=None`), as a real run would.
 
 Why the same example budget: methods are compared at equal compute and equal privacy cost, so every
 run processes rounds x local steps x batch size x clients examples (in expectation under Poisson
@@ -218,7 +218,7 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
             dp_target_delta=args.delta,
             dp_clip_norm=args.clip_norm,
             dp_accountant=args.accountant,
-            dp_noise_seed=None,
+            dp_secret_seed=None,
             report_to=[],
             disable_tqdm=True,
             use_cpu=True,

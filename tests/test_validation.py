@@ -173,9 +173,10 @@ def test_batch_larger_than_a_clients_data_is_refused_under_dp(tmp_path):
     assert_nothing_trained(trainer, before)
 
 
-@pytest.mark.parametrize("delta", [1 / 100, 1 / 50, 0.5])
+@pytest.mark.parametrize("delta", [1 / 150, 1 / 100, 1 / 50, 0.5])
 def test_delta_not_below_one_over_n_is_refused(tmp_path, delta):
-    """A delta of 1/n or more for some client (n = 100 here) is refused before any step, naming dp_target_delta."""
+    """A delta of 1/N or more for the federation's N = 200 examples is refused before any step, naming
+    dp_target_delta: 1/150 is below each client's 1/100 but would let the run leak a whole record."""
     trainer = FederatedTrainer(
         tiny_peft(FFALoraConfig),
         fed_args(tmp_path, dp_noise_multiplier=1.0, dp_target_delta=delta),
@@ -188,12 +189,12 @@ def test_delta_not_below_one_over_n_is_refused(tmp_path, delta):
 
 
 def test_delta_not_far_below_one_over_n_is_warned_about(tmp_path, caplog):
-    """A delta below 1/n but above 0.1/n trains (it is a valid guarantee) and warns that it is loose."""
+    """A delta below 1/N but above 0.1/N trains (it is a valid guarantee) and warns that it is loose."""
     trainer = FederatedTrainer(
         tiny_peft(FFALoraConfig),
-        fed_args(tmp_path, num_rounds=1, local_steps=1, dp_noise_multiplier=1.0, dp_target_delta=0.5 / 100),
+        fed_args(tmp_path, num_rounds=1, local_steps=1, dp_noise_multiplier=1.0, dp_target_delta=0.5 / 200),
         train_dataset=toy_dataset(200),  # two clients of 100
     )
     with caplog.at_level(logging.WARNING, logger="hf_fedlora.privacy.engine"):
         trainer.train()
-    assert "dp_target_delta=0.005 is not far below 1/n" in caplog.text
+    assert "dp_target_delta=0.0025 is not far below 1/N for the federation's N=200 examples" in caplog.text

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
@@ -36,8 +36,8 @@ from .federation.adapter_state import (
 from .federation.partition import DEFAULT_LABEL_COLUMNS, label_histogram, partition_dataset
 from .hub import CARD_NAME, FEDERATED_RECORD_NAME, save_model_card, upload_files
 from .methods import FedLoraConfig
-from .privacy import FederatedPrivacy, PerExampleGradients, check_supported
-from .privacy.engine import SAMPLING_STREAM, derived_seed
+from .privacy import FederatedPrivacy, PerExampleGradients, check_no_batch_statistics, check_supported
+from .privacy.per_example_loss import summed_example_losses
 from .training_args import FederatedTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -64,7 +64,6 @@ class FederatedTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=None, **kwargs)
 
         self.method = config.build_method()
-        self.method.initialize(self.model)
         self._adapter = adapter_parameters(self.model)
         self.privacy = FederatedPrivacy(
             target_epsilon=args.dp_target_epsilon,
@@ -73,19 +72,25 @@ class FederatedTrainer(Trainer):
             clip_norm=args.dp_clip_norm,
             accountant=args.dp_accountant,
             calibration=args.dp_noise_calibration,
-            noise_seed=args.dp_noise_seed,
+            secret_seed=args.dp_secret_seed,
         )
+        _check_data(self.model, config, self.client_datasets, self.eval_dataset, args.label_column)
         if self.privacy.enabled:
             check_supported(self.model, set(self._adapter))
+            check_no_batch_statistics(self.model)
+        self.continued_from = self._continue_from(config)
+        if self.continued_from is None:  # a fresh adapter: every client draws the same A from the shared seed
+            self.method.initialize(self.model)
         self._per_example_gradients = PerExampleGradients(self.model)
         self._set_trainable(self.method.trained_factors(0, 0, 0))
         self._global_state = snapshot(self._adapter)
         self.client_label_histograms = _label_histograms(self.client_datasets, args.label_column)
         self._rounds_done = 0
         self._round_history: list[dict[str, float]] = []
-        self._data_generators = {
-            name: torch.Generator().manual_seed(derived_seed(args.seed, index, SAMPLING_STREAM))
-            for index, name in enumerate(self.client_datasets)
+        # Shuffling for non-private local training only; under DP batches come from the privacy engine's
+        # secret sampler, never from this published seed.
+        self._shuffle_generators = {
+            name: torch.Generator().manual_seed(args.seed + index) for index, name in enumerate(self.client_datasets)
         }
         self._participation_rng = np.random.default_rng(args.seed)
         self._prepared_clients: dict[str, Dataset] | None = None
@@ -94,6 +99,47 @@ class FederatedTrainer(Trainer):
         if hasattr(self.model, "add_model_tags"):
             tags = ["hf_fedlora", "federated-learning", self.method.name]
             self.model.add_model_tags(tags + (["differential-privacy"] if self.privacy.enabled else []))
+
+    def _continue_from(self, config: FedLoraConfig) -> dict[str, Any] | None:
+        """None for a fresh adapter; for a trained one, compose with what its recorded run spent (or refuse).
+
+        A trained adapter (some lora_B not zero) is never re-initialised. Under DP its earlier privacy
+        loss composes with this run's unless the user knowingly starts a new budget.
+        """
+        if all(not p.any() for name, p in self._adapter.items() if ".lora_B." in name):
+            return None
+        prior = getattr(config, "federated_record", None)
+        new_budget = bool(self.args.dp_new_privacy_budget)
+        continued = {"recorded": prior is not None, "new_privacy_budget": new_budget}
+        if prior is not None:
+            prior_privacy = prior.get("privacy") or {}
+            continued.update(
+                rounds=prior.get("rounds"), private=bool(prior_privacy.get("private")), unit=prior_privacy.get("unit")
+            )
+            if prior_privacy.get("private"):
+                continued["epsilon"] = prior_privacy.get("epsilon")
+        if not self.privacy.enabled or new_budget:
+            if self.privacy.enabled:
+                logger.warning(
+                    "dp_new_privacy_budget=True: the privacy this adapter already spent is NOT counted; the "
+                    "guarantee is only right if this run's data are disjoint from its earlier training data."
+                )
+            return continued
+        fix = "Set dp_new_privacy_budget=True only if this run's data are disjoint from the data it was trained on."
+        if prior is None:
+            raise ValueError(
+                "The adapter is already trained (lora_B is not zero) but carries no record of how: its earlier "
+                "privacy loss cannot be composed with this run's. Load its config with "
+                "FFALoraConfig.from_pretrained(path) (or the method's config class) so the record of its run "
+                f"comes with it. {fix}"
+            )
+        if not continued["private"]:
+            raise ValueError(
+                "The adapter was trained without differential privacy on (presumably) the same data: no epsilon "
+                f"can be claimed for those data by continuing it under DP. {fix}"
+            )
+        self.privacy.compose_with(prior["privacy"])
+        return continued
 
     # ------------------------------------------------------------------------------------
     # The run
@@ -124,6 +170,11 @@ class FederatedTrainer(Trainer):
                 self._participation_rng.bit_generator.state = participation_state
                 raise
             logger.info(f"Differential privacy (unit: one example): {self._privacy_summary()}")
+            if self.privacy.seeded:
+                logger.warning(
+                    "The DP randomness (batch sampling and noise) comes from dp_secret_seed: the guarantee holds only "
+                    "while that seed stays secret. Leave it unset for a real run."
+                )
         else:
             logger.warning("Non-private run: no differential-privacy guarantee (set dp_target_epsilon for one).")
 
@@ -152,6 +203,8 @@ class FederatedTrainer(Trainer):
             self._per_example_gradients.remove()
             load_into(self._adapter, self._global_state)
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+        # A later trainer on this same model continues from this run's record (and composes its privacy).
+        _federated_config(self.model).federated_record = self._json_record()
         losses = [entry["train_loss"] for entry in self._round_history if "train_loss" in entry]
         metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "rounds": self._rounds_done}
         if self.privacy.enabled:
@@ -185,14 +238,14 @@ class FederatedTrainer(Trainer):
         if private:
             optimizer = self.privacy.private_optimizer(optimizer, name, self.args.per_device_train_batch_size)
         data = self._prepared_clients[name]
-        order = torch.randperm(len(data), generator=self._data_generators[name]).tolist() if not private else None
+        order = torch.randperm(len(data), generator=self._shuffle_generators[name]).tolist() if not private else None
         losses, steps_run = [], 0
         for step in range(steps):
             if private and not self.privacy.can_step(name):
                 logger.warning(f"Client {name!r} has spent its privacy budget and stops training.")
                 break
             self._set_trainable(self.method.trained_factors(round_index, sub_round, step))
-            indices = self._poisson_batch(name, len(data)) if private else _next_batch(order, step, self.args)
+            indices = self.privacy.sample_batch(name) if private else _next_batch(order, step, self.args)
             loss = self._local_step(data, indices, optimizer)
             if private:
                 self.privacy.record_step(name)
@@ -200,6 +253,8 @@ class FederatedTrainer(Trainer):
                 losses.append(loss)
             steps_run += 1
         optimizer.zero_grad(set_to_none=True)
+        if private and not self.args.publish_unprotected_statistics:
+            losses = []  # computed without noise: under DP they stay on the client
         if steps_run == 0:
             return None, losses
         uploaded = parameters_of(self._adapter, self.method.uploaded_factors(round_index, sub_round))
@@ -217,8 +272,14 @@ class FederatedTrainer(Trainer):
         features = [{key: values[i] for key, values in rows.items()} for i in range(len(indices))]
         inputs = self._prepare_inputs(self.data_collator(features))
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(self.model, inputs)
+            if self.privacy.enabled:
+                # Each example's own loss, summed: its recorded gradient depends on no other example.
+                loss, example_losses = summed_example_losses(self.model, inputs, len(indices), self._causal_lm)
+            else:
+                loss = self.compute_loss(self.model, inputs)
         self.accelerator.backward(loss)
+        if self.privacy.enabled:
+            loss = example_losses.mean()
         if not self.privacy.enabled and self.args.max_grad_norm and self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self.args.max_grad_norm)
         optimizer.step()
@@ -252,11 +313,11 @@ class FederatedTrainer(Trainer):
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
         return optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
 
-    def _poisson_batch(self, name: str, size: int) -> list[int]:
-        """Poisson sampling: each example joins the batch independently with probability q = batch / n."""
-        rate = self.args.per_device_train_batch_size / size
-        mask = torch.rand(size, generator=self._data_generators[name]) < rate
-        return mask.nonzero().flatten().tolist()
+    @property
+    def _causal_lm(self) -> bool:
+        """Next-token prediction: token labels are shifted by one in the per-example loss."""
+        task_type = _federated_config(self.model).task_type
+        return str(getattr(task_type, "value", task_type)) == "CAUSAL_LM"
 
     def _local_steps(self, size: int) -> int:
         if self.args.local_steps is not None:
@@ -348,10 +409,17 @@ class FederatedTrainer(Trainer):
             "aggregation_weights": args.aggregation_weights,
             "partition": self._partition_record(),
             "client_sizes": {name: len(data) for name, data in self.client_datasets.items()},
-            "client_label_histograms": self.client_label_histograms,
+            "client_label_histograms": self.client_label_histograms if self._publishes_unprotected else {},
+            "unprotected_statistics_published": self.privacy.enabled and self._publishes_unprotected,
+            "continued_from": self.continued_from,
             "privacy": self.privacy_report(),
             "round_history": self._round_history,
         }
+
+    @property
+    def _publishes_unprotected(self) -> bool:
+        """Under DP only what the guarantee covers is published, unless the user opted in to more."""
+        return not self.privacy.enabled or bool(self.args.publish_unprotected_statistics)
 
     def _partition_record(self) -> dict[str, Any]:
         args = self.args
@@ -483,6 +551,12 @@ def _clients_from(
     """(name -> client dataset, given ready-made?): from a list/dict or by partitioning; fails before training."""
     if train_dataset is None:
         raise ValueError("train_dataset is required: one Dataset to partition, or a list/dict of client datasets")
+    if isinstance(train_dataset, DatasetDict):
+        raise ValueError(
+            f"train_dataset is a DatasetDict with splits {list(train_dataset)}: pass the training split alone "
+            "(e.g. ds['train']) to be partitioned into clients, or a plain dict {client name: Dataset} of "
+            "ready-made clients"
+        )
     if isinstance(train_dataset, Dataset):
         if args.partition in ("iid", "dirichlet") and args.num_clients is None:
             raise ValueError(f"num_clients must be set to split train_dataset with partition={args.partition!r}")
@@ -519,6 +593,70 @@ def _clients_from(
     if args.clients_per_round is not None and args.clients_per_round > len(clients):
         raise ValueError(f"clients_per_round={args.clients_per_round} exceeds the {len(clients)} clients")
     return clients, given
+
+
+def _check_data(
+    model: PeftModel,
+    config: FedLoraConfig,
+    clients: Mapping[str, Dataset],
+    eval_dataset: Any,
+    label_column: str | None,
+) -> None:
+    """Inputs the model cannot take, and labels its head cannot score, fail here: before any budget is spent."""
+    base = model.get_base_model()
+    input_name = getattr(base, "main_input_name", None)
+    model_config = getattr(base, "config", None)
+    task_type = str(getattr(config.task_type, "value", config.task_type))
+    datasets = {f"client {name!r}": data for name, data in clients.items()}
+    if isinstance(eval_dataset, Dataset):
+        datasets["eval_dataset"] = eval_dataset
+    for where, data in datasets.items():
+        if input_name and input_name not in data.column_names and "inputs_embeds" not in data.column_names:
+            raise ValueError(
+                f"{where} has no {input_name!r} column, which the model takes as input (columns: "
+                f"{data.column_names}). Preprocess it first, e.g. dataset.map(tokenizer or image processor)."
+            )
+        column = next(
+            (c for c in ([label_column] if label_column else ["label", "labels"]) if c in data.column_names), None
+        )
+        if column is not None and model_config is not None:
+            _check_labels(data, column, where, model_config, task_type)
+
+
+def _check_labels(data: Dataset, column: str, where: str, model_config: Any, task_type: str) -> None:
+    """Class labels must be integer ids the head has; token labels may also be -100 (ignored)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = data.data.column(column)
+    token_level = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+    if token_level:
+        values = pc.list_flatten(values)
+    if task_type == "CAUSAL_LM":
+        classes, name = getattr(model_config, "vocab_size", None), "vocab_size"
+    else:
+        classes, name = getattr(model_config, "num_labels", None), "num_labels"
+    regression = getattr(model_config, "problem_type", None) == "regression" or (classes == 1 and not token_level)
+    multi_label = getattr(model_config, "problem_type", None) == "multi_label_classification"
+    if regression or multi_label or classes is None or len(values) == 0:
+        return
+    if not pa.types.is_integer(values.type):
+        raise ValueError(
+            f"{where}: column {column!r} holds {values.type} values, but classification needs integer class ids "
+            f"0..{classes - 1}: encode them first (e.g. dataset.class_encode_column({column!r}) for strings, or "
+            "cast floats to int)"
+        )
+    valid = values if not token_level else pc.filter(values, pc.not_equal(values, -100))
+    if len(valid) == 0:
+        return
+    low, high = pc.min_max(valid).values()
+    if low.as_py() < 0 or high.as_py() >= classes:
+        raise ValueError(
+            f"{where}: column {column!r} has labels from {low.as_py()} to {high.as_py()}, but the model has "
+            f"{name}={classes} (ids 0..{classes - 1}"
+            + (", or -100 for ignored tokens)" if token_level else ")")
+            + f". Build the model with {name} covering every label, or fix the labels."
+        )
 
 
 def _partition_seed(args: FederatedTrainingArguments) -> int:

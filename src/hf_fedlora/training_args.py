@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -102,15 +103,32 @@ class FederatedTrainingArguments(TrainingArguments):
     dp_clip_norm: float = field(
         default=1.0, metadata={"help": "Per-example clipping norm C over all trainable tensors together."}
     )
-    dp_noise_seed: int | None = field(
+    dp_secret_seed: int | None = field(
         default=None,
         metadata={
-            "help": "Seed of the DP noise, for reproducible experiments only: whoever knows it can regenerate and "
-            "remove the noise. Default: fresh OS entropy each run."
+            "help": "Seed of the DP randomness (Poisson batch sampling and noise), for reproducible experiments "
+            "only: whoever knows it can rebuild every batch and remove the noise, so the guarantee then holds only "
+            "while it stays secret. Never written to the record, the card or report_to. Default: fresh OS entropy."
         },
     )
     dp_accountant: str = field(
         default="prv", metadata={"help": f"Privacy accountant: one of {sorted(ACCOUNTANTS)} (PRV is tighter)."}
+    )
+    dp_new_privacy_budget: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue an adapter that was already trained under a recorded run with a fresh privacy budget, "
+            "instead of composing with what that run spent. Only right when this run's data are disjoint from that "
+            "run's; the card then says so."
+        },
+    )
+    publish_unprotected_statistics: bool = field(
+        default=False,
+        metadata={
+            "help": "Under DP, also send the clients' training losses to the server and publish them and the "
+            "per-client label histograms in the record and the card, listed there as NOT covered by the guarantee. "
+            "Off by default: a private run publishes only what the guarantee covers."
+        },
     )
     dp_noise_calibration: str = field(
         default="per_client",
@@ -121,9 +139,17 @@ class FederatedTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._check_types()
         super().__post_init__()
         self._check_federation()
         self._check_privacy()
+
+    def to_dict(self) -> dict:
+        """As Trainer's, with the secret DP seed hidden: this dict reaches report_to and saved arguments."""
+        d = super().to_dict()
+        if d.get("dp_secret_seed") is not None:
+            d["dp_secret_seed"] = "<DP_SECRET_SEED>"
+        return d
 
     @property
     def private(self) -> bool:
@@ -133,6 +159,20 @@ class FederatedTrainingArguments(TrainingArguments):
         if self.label_proportions is None or isinstance(self.label_proportions, list):
             return self.label_proportions
         return json.loads(self.label_proportions)
+
+    def _check_types(self) -> None:
+        """Numbers given as the wrong type (e.g. a string epsilon) fail here, by name, not deep inside a library."""
+        for name in ("dp_target_epsilon", "dp_noise_multiplier"):
+            _require_finite_number(getattr(self, name), name, optional=True)
+        for name in ("dp_target_delta", "dp_clip_norm"):
+            _require_finite_number(getattr(self, name), name)
+        _require_int(self.seed, "seed", minimum=0)
+        if self.dp_secret_seed is not None:
+            _require_int(self.dp_secret_seed, "dp_secret_seed", minimum=0)
+        if self.partition_seed is not None:
+            _require_int(self.partition_seed, "partition_seed", minimum=0)
+        _require_int(self.per_device_train_batch_size, "per_device_train_batch_size", minimum=1)
+        _require_int(self.per_device_eval_batch_size, "per_device_eval_batch_size", minimum=1)
 
     def _check_federation(self) -> None:
         _require_int(self.num_rounds, "num_rounds", minimum=1)
@@ -186,6 +226,13 @@ class FederatedTrainingArguments(TrainingArguments):
 def _require_int(value, name: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _require_finite_number(value, name: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _require_choice(value, name: str, choices: tuple[str, ...]) -> None:

@@ -42,6 +42,11 @@ class FedLoraConfig(LoraConfig):
         super().__post_init__()
         if not isinstance(self.init_seed, int) or isinstance(self.init_seed, bool) or self.init_seed < 0:
             raise ValueError(f"init_seed must be a non-negative integer, got {self.init_seed!r}")
+        if self.use_dora:
+            raise ValueError(
+                "use_dora=True is not supported for federated training: DoRA's magnitude vector is neither a LoRA "
+                "factor nor a task head, so no method would train, send or average it. Use use_dora=False."
+            )
         if self.init_lora_weights not in (True, "gaussian"):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported for federated training: "
@@ -89,7 +94,10 @@ class FedLoraConfig(LoraConfig):
         values.update(
             {name: record["method"][name] for name in config_cls.federated_fields if name in record["method"]}
         )
-        return config_cls(**values)
+        config = config_cls(**values)
+        # The run that trained this adapter: a FederatedTrainer continuing it composes with its spent privacy.
+        config.federated_record = record
+        return config
 
     def federated_dict(self) -> dict[str, Any]:
         """The method and its federated settings (what `to_dict` leaves out), for the run's record."""

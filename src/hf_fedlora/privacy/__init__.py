@@ -3,6 +3,7 @@
 from .accountants import ACCOUNTANTS, epsilon_from_history, make_accountant
 from .calibration import calibrate_noise_multiplier
 from .engine import UNIT, ClientPrivacy, FederatedPrivacy
+from .model_checks import check_no_batch_statistics
 from .per_example_gradients import PerExampleGradients, check_supported
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "FederatedPrivacy",
     "PerExampleGradients",
     "calibrate_noise_multiplier",
+    "check_no_batch_statistics",
     "check_supported",
     "epsilon_from_history",
     "make_accountant",

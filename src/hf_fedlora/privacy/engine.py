@@ -5,6 +5,11 @@ clipping of all its trainable tensors together to `clip_norm`, Gaussian noise
 `noise_multiplier * clip_norm`, and its own accountant kept for the whole run. Clients'
 data are disjoint, so the run's guarantee is the largest epsilon over clients. No
 amplification from client sampling is claimed.
+
+Both random streams the guarantee rests on, the Poisson sampler (amplification by
+subsampling assumes batch membership is secret) and the noise, come from OS entropy,
+never from the run's published seed. A secret seed makes them reproducible for experiments;
+the report then says the guarantee holds only while that seed stays secret.
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ logger = logging.get_logger(__name__)
 
 
 def derived_seed(seed: int, client_index: int, stream: int) -> int:
-    """Independent per-client seeds for independent streams (batch sampling vs. DP noise)."""
+    """Independent per-client seeds for independent streams (batch sampling vs. DP noise) from one secret root."""
     return int(np.random.SeedSequence([seed, client_index, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 @dataclass
 class ClientPrivacy:
-    """One client's DP state: its noise, its step budget, its accountant and its noise RNG."""
+    """One client's DP state: its noise, its step budget, its accountant and its secret RNGs."""
 
     num_examples: int
     sample_rate: float
@@ -44,6 +49,7 @@ class ClientPrivacy:
     step_budget: int | None  # None when no target epsilon was given (noise multiplier set directly)
     accountant: IAccountant
     noise_generator: torch.Generator
+    sampling_generator: torch.Generator
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -66,7 +72,7 @@ class FederatedPrivacy:
         clip_norm: float,
         accountant: str = "prv",
         calibration: str = "per_client",
-        noise_seed: int | None = None,
+        secret_seed: int | None = None,
     ):
         self.target_epsilon = target_epsilon
         self.delta = target_delta
@@ -74,10 +80,14 @@ class FederatedPrivacy:
         self.clip_norm = clip_norm
         self.accountant_name = accountant
         self.calibration = calibration
-        # Anyone who knows the noise seed can regenerate the noise and subtract it: by default it is fresh
-        # OS entropy, never the run's recorded seed. A fixed seed is for reproducible experiments only.
-        self.noise_seed = noise_seed if noise_seed is not None else secrets.randbits(63)
+        # Anyone who knows this root can rebuild every batch and subtract the noise: by default it is fresh OS
+        # entropy, never the run's published seed. A fixed secret seed is for reproducible experiments only.
+        self.seeded = secret_seed is not None
+        self._secret_root = secret_seed if secret_seed is not None else secrets.randbits(63)
         self.clients: dict[str, ClientPrivacy] = {}
+        self._prior_histories: dict[str, list[tuple[float, float, int]]] = {}
+        # Clients of an earlier, composed run: until this run plans them (same name), they only report.
+        self._past_clients: dict[str, ClientPrivacy] = {}
 
     @property
     def enabled(self) -> bool:
@@ -103,44 +113,95 @@ class FederatedPrivacy:
                     f"per_device_train_batch_size={batch_size} is larger than client {name!r}'s "
                     f"{size} examples: its Poisson sample rate would exceed 1. Use a smaller batch or fewer clients."
                 )
-            if self.delta >= 1.0 / size:
-                raise ValueError(
-                    f"dp_target_delta={self.delta} is not below 1/n for client {name!r} (n={size}): a delta "
-                    "that large allows releasing whole records. Use a delta far below 1/n (e.g. 1e-5)."
-                )
-            if self.delta > 0.1 / size:
-                logger.warning(
-                    f"dp_target_delta={self.delta} is not far below 1/n for client {name!r} (n={size}, "
-                    f"1/n={1.0 / size:.3g}); a delta below {0.1 / size:.3g} is the usual advice."
-                )
+        self._check_delta(sum(client_sizes.values()))
         new_clients = [name for name in client_sizes if name not in self.clients]
-        sigmas = {name: self._noise_for(client_sizes[name], batch_size, planned_steps[name]) for name in new_clients}
+        sigmas = {
+            name: self._noise_for(client_sizes[name], batch_size, planned_steps[name], self._prior(name))
+            for name in new_clients
+        }
         if self.calibration == "shared" and sigmas:
             shared = max(sigmas.values())
             sigmas = dict.fromkeys(sigmas, shared)
         for index, name in enumerate(client_sizes):
             if name in self.clients:
                 continue
-            generator = torch.Generator(device=device)
-            generator.manual_seed(derived_seed(self.noise_seed, index, NOISE_STREAM))
+            noise_generator = torch.Generator(device=device)
+            noise_generator.manual_seed(derived_seed(self._secret_root, index, NOISE_STREAM))
+            sampling_generator = torch.Generator().manual_seed(derived_seed(self._secret_root, index, SAMPLING_STREAM))
+            accountant = make_accountant(self.accountant_name)
+            accountant.history = list(self._prior(name))
+            self._past_clients.pop(name, None)
             self.clients[name] = ClientPrivacy(
                 num_examples=client_sizes[name],
                 sample_rate=batch_size / client_sizes[name],
                 noise_multiplier=sigmas[name],
-                step_budget=planned_steps[name] if self.target_epsilon is not None else None,
-                accountant=make_accountant(self.accountant_name),
-                noise_generator=generator,
+                step_budget=None,  # set below, once the whole plan is known to fit
+                accountant=accountant,
+                noise_generator=noise_generator,
+                sampling_generator=sampling_generator,
             )
         self._refuse_overspending_plan(planned_steps)
 
-    def _noise_for(self, num_examples: int, batch_size: int, steps: int) -> float:
+    def _check_delta(self, total_examples: int) -> None:
+        """delta bounds the chance that the guarantee fails for some example: it must be far below 1/N for the
+        federation's N examples, not only below each client's 1/n_k."""
+        if self.delta >= 1.0 / total_examples:
+            raise ValueError(
+                f"dp_target_delta={self.delta} is not below 1/N for the federation's N={total_examples} examples: "
+                "a delta that large allows releasing whole records. Use a delta far below 1/N (e.g. 1e-6)."
+            )
+        if self.delta > 0.1 / total_examples:
+            logger.warning(
+                f"dp_target_delta={self.delta} is not far below 1/N for the federation's N={total_examples} examples "
+                f"(1/N={1.0 / total_examples:.3g}); a delta below {0.1 / total_examples:.3g} is the usual advice."
+            )
+
+    def _noise_for(
+        self, num_examples: int, batch_size: int, steps: int, prior: list[tuple[float, float, int]]
+    ) -> float:
         if self.fixed_noise_multiplier is not None:
             return float(self.fixed_noise_multiplier)
         if steps == 0:
             return 0.0  # a client never sampled runs no step and releases nothing
         return calibrate_noise_multiplier(
-            self.target_epsilon, self.delta, batch_size / num_examples, steps, self.accountant_name
+            self.target_epsilon,
+            self.delta,
+            batch_size / num_examples,
+            steps,
+            self.accountant_name,
+            prior_history=tuple(tuple(entry) for entry in prior),
         )
+
+    # --- composing with an earlier run -----------------------------------------------
+    def compose_with(self, prior_privacy: Mapping[str, Any]) -> None:
+        """Start every client's accountant from what an earlier run on the same data already spent.
+
+        `prior_privacy` is the "privacy" part of that run's record. Its clients that do not take part in
+        this run keep their spent history in the report: the adapter still carries what they released.
+        """
+        unit = prior_privacy.get("unit")
+        if unit != UNIT:
+            raise ValueError(
+                f"The adapter was trained under privacy unit {unit!r}; this run's unit is {UNIT!r}: the two cannot "
+                "be composed. Set dp_new_privacy_budget=True only if this run's data are disjoint from that run's."
+            )
+        for name, client in (prior_privacy.get("clients") or {}).items():
+            self._prior_histories[name] = [(float(s), float(q), int(n)) for s, q, n in client["history"]]
+            if name not in self.clients:
+                accountant = make_accountant(self.accountant_name)
+                accountant.history = list(self._prior_histories[name])
+                self._past_clients[name] = ClientPrivacy(
+                    num_examples=int(client.get("num_examples") or 0),
+                    sample_rate=float(client.get("sample_rate") or 0.0),
+                    noise_multiplier=float(client.get("noise_multiplier") or 0.0),
+                    step_budget=0,
+                    accountant=accountant,
+                    noise_generator=torch.Generator(),
+                    sampling_generator=torch.Generator(),
+                )
+
+    def _prior(self, name: str) -> list[tuple[float, float, int]]:
+        return self._prior_histories.get(name, [])
 
     def _refuse_overspending_plan(self, planned_steps: Mapping[str, int]) -> None:
         if self.target_epsilon is None:
@@ -184,16 +245,26 @@ class FederatedPrivacy:
             generator=client.noise_generator,
         )
 
+    def sample_batch(self, name: str) -> list[int]:
+        """Poisson sampling from the client's secret stream: each example joins independently with rate q."""
+        client = self.clients[name]
+        mask = torch.rand(client.num_examples, generator=client.sampling_generator) < client.sample_rate
+        return mask.nonzero().flatten().tolist()
+
     def record_step(self, name: str) -> None:
         client = self.clients[name]
         client.accountant.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate)
 
     # --- reporting ----------------------------------------------------------------------
+    def _reported_clients(self) -> dict[str, ClientPrivacy]:
+        """Every client whose data the adapter carries: this run's and those of a composed earlier run."""
+        return {**self._past_clients, **self.clients}
+
     def epsilon(self, name: str) -> float:
-        return epsilon_from_history(self.clients[name].history, self.delta, self.accountant_name)
+        return epsilon_from_history(self._reported_clients()[name].history, self.delta, self.accountant_name)
 
     def max_epsilon(self) -> float:
-        return max((self.epsilon(name) for name in self.clients), default=0.0)
+        return max((self.epsilon(name) for name in self._reported_clients()), default=0.0)
 
     def report(self) -> dict[str, Any]:
         """Everything needed to re-derive each client's epsilon with an independent accountant."""
@@ -208,7 +279,7 @@ class FederatedPrivacy:
                 "steps": c.steps_taken,
                 "history": [list(entry) for entry in c.history],
             }
-            for name, c in self.clients.items()
+            for name, c in self._reported_clients().items()
         }
         return {
             "private": True,
@@ -219,6 +290,9 @@ class FederatedPrivacy:
             "accountant": self.accountant_name,
             "clip_norm": self.clip_norm,
             "noise_calibration": self.calibration if self.target_epsilon is not None else "fixed",
+            # True when the sampling and noise came from a user's secret seed: then the guarantee holds only
+            # while that seed stays secret. The seed itself is never recorded.
+            "seeded": self.seeded,
             "clients": clients,
         }
 
@@ -231,6 +305,7 @@ class FederatedPrivacy:
                 "step_budget": c.step_budget,
                 "history": [list(entry) for entry in c.history],
                 "noise_generator": c.noise_generator.get_state(),
+                "sampling_generator": c.sampling_generator.get_state(),
             }
             for name, c in self.clients.items()
         }
@@ -240,13 +315,16 @@ class FederatedPrivacy:
         for name, s in state.items():
             accountant = make_accountant(self.accountant_name)
             accountant.history = [tuple(entry) for entry in s["history"]]
-            generator = torch.Generator(device=device)
-            generator.set_state(s["noise_generator"])
+            noise_generator = torch.Generator(device=device)
+            noise_generator.set_state(s["noise_generator"])
+            sampling_generator = torch.Generator()
+            sampling_generator.set_state(s["sampling_generator"])
             self.clients[name] = ClientPrivacy(
                 num_examples=s["num_examples"],
                 sample_rate=s["sample_rate"],
                 noise_multiplier=s["noise_multiplier"],
                 step_budget=s["step_budget"],
                 accountant=accountant,
-                noise_generator=generator,
+                noise_generator=noise_generator,
+                sampling_generator=sampling_generator,
             )

@@ -42,7 +42,7 @@ class PerExampleGradients:
         if self._hooks is not None and trainable_names == self._hooked_for:
             return
         self.remove()
-        self._hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="mean", strict=True)
+        self._hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="sum", strict=True)
         self._hooked_for = trainable_names
 
     def remove(self) -> None:
