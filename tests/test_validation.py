@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from tiny import fed_args, tiny_bert, tiny_peft, toy_dataset
 from torch import nn
@@ -41,6 +42,16 @@ BAD_ARGUMENTS = [
     (dict(partition="by_magic"), ["partition", "by_magic"]),
     (dict(dp_accountant="gdp_typo"), ["dp_accountant", "gdp_typo"]),
     (dict(dp_noise_calibration="by_magic"), ["dp_noise_calibration", "by_magic"]),
+    # Accepted before, and then broke the guarantee or hung the run:
+    (dict(dp_clip_norm=float("inf")), ["dp_clip_norm", "finite"]),
+    (dict(dp_target_epsilon=float("inf")), ["dp_target_epsilon", "finite"]),
+    (dict(dp_noise_multiplier=float("inf")), ["dp_noise_multiplier", "finite"]),
+    (dict(dp_clip_norm=float("nan")), ["dp_clip_norm", "finite"]),
+    (dict(per_device_train_batch_size=0), ["per_device_train_batch_size", ">= 1"]),
+    # Accepted before with a cryptic failure later:
+    (dict(dp_target_epsilon="3"), ["dp_target_epsilon", "'3'"]),
+    (dict(seed=-1), ["seed", ">= 0"]),
+    (dict(dp_noise_multiplier=1.0, dp_secret_seed=-5), ["dp_secret_seed", ">= 0"]),
 ]
 
 
@@ -198,3 +209,66 @@ def test_delta_not_far_below_one_over_n_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_fedlora.privacy.engine"):
         trainer.train()
     assert "dp_target_delta=0.0025 is not far below 1/N for the federation's N=200 examples" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs that broke the guarantee or the run: refused when the trainer is built (issue 7, item 6)
+# ----------------------------------------------------------------------------------------
+def frozen_batchnorm_model():
+    """Tiny BERT with a frozen BatchNorm inside the encoder: not trained, yet it mixes the batch in train mode."""
+    base = tiny_bert()
+    base.bert.pooler.dense = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16))
+    return get_peft_model(base, FFALoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+
+def test_frozen_batchnorm_is_refused_under_dp(tmp_path):
+    model = frozen_batchnorm_model()
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "pooler" in n)
+    with pytest.raises(ValueError, match="BatchNorm1d") as error:
+        FederatedTrainer(model, fed_args(tmp_path, dp_noise_multiplier=1.0), train_dataset=toy_dataset(200))
+    assert "batch statistics" in str(error.value)
+    FederatedTrainer(frozen_batchnorm_model(), fed_args(tmp_path), train_dataset=toy_dataset(200))  # fine without DP
+
+
+def test_dataset_dict_is_refused_not_taken_as_two_clients(tmp_path):
+    splits = toy_dataset(200).train_test_split(test_size=0.5, seed=0)
+    with pytest.raises(ValueError, match="DatasetDict") as error:
+        FederatedTrainer(tiny_peft(FFALoraConfig), fed_args(tmp_path, num_clients=None), train_dataset=splits)
+    assert "['train', 'test']" in str(error.value)
+
+
+def test_dora_is_refused_naming_use_dora():
+    with pytest.raises(ValueError, match="use_dora"):
+        tiny_peft(FFALoraConfig, use_dora=True)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([0, 1, 2, 1], "labels from 0 to 2, but the model has num_labels=2"),
+        ([0, 1, -1, 1], "labels from -1 to 1"),
+        (["neg", "pos", "neg", "pos"], "class_encode_column"),
+        ([0.0, 1.0, 1.0, 0.0], "integer class ids"),
+    ],
+    ids=["above-range", "negative", "strings", "floats"],
+)
+def test_labels_the_head_cannot_score_are_refused_before_training(tmp_path, labels, message):
+    data = toy_dataset(200).remove_columns("label").add_column("label", labels * 50)
+    with pytest.raises(ValueError, match="label") as error:
+        FederatedTrainer(tiny_peft(FFALoraConfig), fed_args(tmp_path, dp_noise_multiplier=1.0), train_dataset=data)
+    assert message in str(error.value)
+
+
+def test_labels_out_of_range_in_the_eval_dataset_are_refused(tmp_path):
+    bad_eval = toy_dataset(20).remove_columns("label").add_column("label", [3] * 20)
+    with pytest.raises(ValueError, match="eval_dataset"):
+        FederatedTrainer(
+            tiny_peft(FFALoraConfig), fed_args(tmp_path), train_dataset=toy_dataset(200), eval_dataset=bad_eval
+        )
+
+
+def test_dataset_without_the_models_input_column_is_refused(tmp_path):
+    text_only = Dataset.from_dict({"text": ["a b", "c d"] * 100, "label": [0, 1] * 100})
+    with pytest.raises(ValueError, match="'input_ids'") as error:
+        FederatedTrainer(tiny_peft(FFALoraConfig), fed_args(tmp_path), train_dataset=text_only)
+    assert "tokenizer" in str(error.value)

@@ -260,6 +260,22 @@ def _template_context(
         },
         "citations": citations,
         "record_name": FEDERATED_RECORD_NAME,
+        "unprotected_published": bool(record.get("unprotected_statistics_published")),
+        "continued": _continued_context(record.get("continued_from")),
+    }
+
+
+def _continued_context(continued: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """How this adapter's earlier training enters the guarantee (None for an adapter trained from scratch)."""
+    if not continued:
+        return None
+    epsilon = continued.get("epsilon")
+    return {
+        "recorded": bool(continued.get("recorded")),
+        "new_budget": bool(continued.get("new_privacy_budget")),
+        "rounds": continued.get("rounds"),
+        "epsilon": format_epsilon(epsilon) if epsilon is not None else None,
+        "private": bool(continued.get("private")),
     }
 
 
@@ -277,6 +293,7 @@ def _privacy_context(privacy: Mapping[str, Any]) -> dict[str, Any]:
         "accountant": str(privacy.get("accountant", "unknown")).upper(),
         "clip_norm": repr(float(privacy["clip_norm"])) if privacy.get("clip_norm") is not None else "-",
         "calibration": privacy.get("noise_calibration"),
+        "seeded": bool(privacy.get("seeded")),
         "num_clients": len(clients),
         "clients": [
             {
@@ -334,17 +351,19 @@ def _federation_context(record: Mapping[str, Any]) -> dict[str, Any]:
 def _results_table(history: Sequence[Mapping[str, Any]], private: bool) -> dict[str, Any]:
     """Per-round rows: round, clients, train loss, epsilon (private runs only), then any eval metrics."""
     metrics = sorted({key for entry in history for key in entry if _is_eval_metric(key)})
-    header = ["Round", "Clients", "Train loss"] + (["ε (max over clients)"] if private else [])
+    losses = any("train_loss" in entry for entry in history)  # under DP only when published on request
+    header = ["Round", "Clients"] + (["Train loss"] if losses else []) + (["ε (max over clients)"] if private else [])
     header += [key.replace("_", " ") for key in metrics]
     rows = []
     for entry in history:
         row = [_number(entry.get("round"), "d"), _number(entry.get("clients"), "d")]
-        row.append(_number(entry.get("train_loss"), ".4f"))
+        if losses:
+            row.append(_number(entry.get("train_loss"), ".4f"))
         if private:
             row.append(format_epsilon(entry["epsilon"]) if entry.get("epsilon") is not None else "-")
         row += [_number(entry.get(key), ".4f") for key in metrics]
         rows.append(row)
-    return {"header": header, "rows": rows}
+    return {"header": header, "rows": rows, "has_loss": losses, "fixed_columns": len(header) - len(metrics)}
 
 
 def _eval_metrics(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:

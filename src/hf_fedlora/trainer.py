@@ -268,23 +268,26 @@ class FederatedTrainer(Trainer):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return None
+        loss = self._backward_batch(data, indices)
+        if not self.privacy.enabled and self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self.args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _backward_batch(self, data: Dataset, indices: list[int]) -> float:
+        """Forward and backward of one batch; returns its mean loss. Under DP each example's own loss is summed,
+        so the per-example gradients the hooks record depend on no other example of the batch."""
         rows = data[indices]
         features = [{key: values[i] for key, values in rows.items()} for i in range(len(indices))]
         inputs = self._prepare_inputs(self.data_collator(features))
         with self.compute_loss_context_manager():
             if self.privacy.enabled:
-                # Each example's own loss, summed: its recorded gradient depends on no other example.
                 loss, example_losses = summed_example_losses(self.model, inputs, len(indices), self._causal_lm)
             else:
                 loss = self.compute_loss(self.model, inputs)
         self.accelerator.backward(loss)
-        if self.privacy.enabled:
-            loss = example_losses.mean()
-        if not self.privacy.enabled and self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self.args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(example_losses.mean() if self.privacy.enabled else loss.detach())
 
     # ------------------------------------------------------------------------------------
     # Pieces of a round
