@@ -58,13 +58,14 @@ class PerExampleGradients:
     def fold_to_batch(self, batch_size: int) -> None:
         """Make every trainable `grad_sample` one row per example: sum each example's consecutive rows.
 
-        Call after backward, before the DP optimizer's step. A layer that saw the batch reshaped into
-        k * batch_size rows (Swin windows) gets them summed in consecutive groups of k, which is exact
-        because a linear layer's gradient is a sum over the rows of its input and, in transformers'
-        `window_partition` (models/swin/modeling_swin.py, checked in transformers 5.23), the windows are
-        batch-major: input (batch, H, W, C) is viewed as (batch, H/ws, ws, W/ws, ws, C) and flattened with
-        batch outermost, so rows [i*k, (i+1)*k) are example i's windows. Layers that already have
-        batch_size rows (ViT, BERT, RoBERTa, every head) are left as they are.
+        Call after backward, before the DP optimizer's step, with the number of examples in that backward
+        pass (under Poisson sampling the realised batch, not the expected batch size). A layer that saw
+        the batch reshaped into k * batch_size rows (Swin windows) gets them summed in consecutive groups
+        of k. That is exact because a linear layer's gradient is a sum over the rows of its input and, in
+        transformers' `window_partition` (models/swin/modeling_swin.py, checked in transformers 5.23), the
+        windows are batch-major: input (batch, H, W, C) is viewed as (batch, H/ws, ws, W/ws, ws, C) and
+        flattened with batch outermost, so rows [i*k, (i+1)*k) are example i's windows. Layers that already
+        have batch_size rows (ViT, BERT, RoBERTa, every head) are left as they are.
         """
         for name, parameter in self.model.named_parameters():
             grad_sample = getattr(parameter, "grad_sample", None) if parameter.requires_grad else None
