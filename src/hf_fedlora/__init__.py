@@ -8,7 +8,7 @@ from .federation.partition import (
     partition_dirichlet,
     partition_iid,
 )
-from .methods import FederatedMethod, FedLoraConfig, FFALoraConfig
+from .methods import FederatedMethod, FedLoraConfig, FFALoraConfig, LALoraConfig
 from .trainer import FederatedTrainer
 from .training_args import FederatedTrainingArguments
 
@@ -20,6 +20,7 @@ __all__ = [
     "FederatedMethod",
     "FederatedTrainer",
     "FederatedTrainingArguments",
+    "LALoraConfig",
     "label_histogram",
     "partition_by_column",
     "partition_by_label_proportions",

@@ -2,9 +2,10 @@
 
 from .base import FederatedMethod
 from .ffa_lora import FFALoraConfig, FFALoraMethod
+from .la_lora import LALoraConfig, LALoraMethod
 from .lora import FedLoraConfig, FedLoraMethod
 
-CONFIG_CLASSES: tuple[type[FedLoraConfig], ...] = (FedLoraConfig, FFALoraConfig)
+CONFIG_CLASSES: tuple[type[FedLoraConfig], ...] = (FedLoraConfig, FFALoraConfig, LALoraConfig)
 
 
 def config_class_for(method_name: str) -> type[FedLoraConfig]:
@@ -24,4 +25,6 @@ __all__ = [
     "FedLoraMethod",
     "FFALoraConfig",
     "FFALoraMethod",
+    "LALoraConfig",
+    "LALoraMethod",
 ]
