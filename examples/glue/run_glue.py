@@ -251,7 +251,12 @@ def privacy_metrics(trainer: FederatedTrainer) -> dict[str, Any]:
     """The guarantee behind the epsilon: delta, unit and accountant (an epsilon alone means little)."""
     report = trainer.privacy_report()
     if not report["private"]:
+        print("Privacy: none. This run was not differentially private.")
         return {"private": False}
+    print(
+        f"Privacy: ({report['epsilon']:.3g}, {report['delta']:g})-DP per {report['unit']}, the largest epsilon "
+        f"over clients ({report['accountant'].upper()} accountant, clip norm {report['clip_norm']})"
+    )
     return {key: report[key] for key in ("private", "epsilon", "delta", "unit", "accountant")}
 
 
@@ -363,9 +368,8 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
     train_result = trainer.train()
     metrics = dict(train_result.metrics)
     metrics["train_samples"] = len(train_dataset)
-    metrics.update(privacy_metrics(trainer))
     trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
+    trainer.save_metrics("train", {**metrics, **privacy_metrics(trainer)})  # printed in full, not rounded
     if eval_dataset is not None:
         evaluations = [("eval", eval_dataset)]
         if extra_split is not None:
