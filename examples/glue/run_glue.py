@@ -36,8 +36,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_fedlora import FederatedTrainer, FederatedTrainingArguments
-from hf_fedlora.methods import CONFIG_CLASSES, config_class_for
+from hf_fedlora import FederatedTrainer, FederatedTrainingArguments, methods
 from hf_fedlora.metrics import load_glue_metric
 
 logger = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ DEFAULT_TARGET_MODULES = {
 
 def method_names() -> list[str]:
     """The federated methods this hf_fedlora knows (whatever is registered when the script runs)."""
-    return [config_cls.method_class.name for config_cls in CONFIG_CLASSES]
+    return [config_cls.method_class.name for config_cls in methods.CONFIG_CLASSES]
 
 
 @dataclass
@@ -179,12 +178,13 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
             }
             return DatasetDict(splits), "validation_mismatched"
         return DatasetDict({"train": raw["train"], "validation": raw["validation"]}), None
-    data_files = {"train": data_args.train_file}
-    if data_args.validation_file is not None:
-        data_files["validation"] = data_args.validation_file
-    extension = data_args.train_file.rsplit(".", 1)[-1]
-    builder = "csv" if extension == "csv" else "json"
-    return load_dataset(builder, data_files=data_files, cache_dir=model_args.cache_dir), None
+    files = {"train": data_args.train_file, "validation": data_args.validation_file}
+    splits = {}
+    for split, path in files.items():  # one load per file, so a file with other columns gets our own message
+        if path is not None:
+            builder = "csv" if path.endswith(".csv") else "json"
+            splits[split] = load_dataset(builder, data_files={split: path}, split=split, cache_dir=model_args.cache_dir)
+    return DatasetDict(splits), None
 
 
 def sentence_keys(data_args: DataTrainingArguments, columns: list[str]) -> tuple[str, str | None]:
@@ -308,7 +308,7 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         trust_remote_code=model_args.trust_remote_code,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
-    config_cls = config_class_for(model_args.method)
+    config_cls = methods.config_class_for(model_args.method)
     method_kwargs = json.loads(model_args.method_kwargs) if model_args.method_kwargs else {}
     try:
         peft_config = config_cls(

@@ -38,8 +38,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_fedlora import FederatedTrainer, FederatedTrainingArguments
-from hf_fedlora.methods import CONFIG_CLASSES, config_class_for
+from hf_fedlora import FederatedTrainer, FederatedTrainingArguments, methods
 from hf_fedlora.metrics import load_glue_metric
 
 logger = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ DEFAULT_TARGET_MODULES = {
 
 def method_names() -> list[str]:
     """The federated methods this hf_fedlora knows (whatever is registered when the script runs)."""
-    return [config_cls.method_class.name for config_cls in CONFIG_CLASSES]
+    return [config_cls.method_class.name for config_cls in methods.CONFIG_CLASSES]
 
 
 @dataclass
@@ -302,7 +301,7 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         token=model_args.token,
         trust_remote_code=model_args.trust_remote_code,
     )
-    config_cls = config_class_for(model_args.method)
+    config_cls = methods.config_class_for(model_args.method)
     method_kwargs = json.loads(model_args.method_kwargs) if model_args.method_kwargs else {}
     try:
         peft_config = config_cls(
