@@ -8,18 +8,20 @@ from .federation.partition import (
     partition_dirichlet,
     partition_iid,
 )
-from .methods import FederatedMethod, FedLoraConfig, FFALoraConfig
+from .methods import DeerConfig, FederatedMethod, FedLoraConfig, FFALoraConfig, RoLoraConfig
 from .trainer import FederatedTrainer
 from .training_args import FederatedTrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeerConfig",
     "FFALoraConfig",
     "FedLoraConfig",
     "FederatedMethod",
     "FederatedTrainer",
     "FederatedTrainingArguments",
+    "RoLoraConfig",
     "label_histogram",
     "partition_by_column",
     "partition_by_label_proportions",

@@ -1,10 +1,12 @@
 """One file per federated LoRA method: its config class and the method object it builds."""
 
 from .base import FederatedMethod
+from .deer import DeerConfig, DeerMethod
 from .ffa_lora import FFALoraConfig, FFALoraMethod
 from .lora import FedLoraConfig, FedLoraMethod
+from .rolora import RoLoraConfig, RoLoraMethod
 
-CONFIG_CLASSES: tuple[type[FedLoraConfig], ...] = (FedLoraConfig, FFALoraConfig)
+CONFIG_CLASSES: tuple[type[FedLoraConfig], ...] = (FedLoraConfig, FFALoraConfig, RoLoraConfig, DeerConfig)
 
 
 def config_class_for(method_name: str) -> type[FedLoraConfig]:
@@ -19,9 +21,13 @@ def config_class_for(method_name: str) -> type[FedLoraConfig]:
 __all__ = [
     "CONFIG_CLASSES",
     "config_class_for",
+    "DeerConfig",
+    "DeerMethod",
     "FederatedMethod",
     "FedLoraConfig",
     "FedLoraMethod",
     "FFALoraConfig",
     "FFALoraMethod",
+    "RoLoraConfig",
+    "RoLoraMethod",
 ]

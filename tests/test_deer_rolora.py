@@ -1,0 +1,266 @@
+"""DEeR and RoLoRA: exact aggregation by alternation, the ablation switches, accounting, and the noise regulator.
+
+As specified in /work/shared/ALGORITHMS.md (DEeR and RoLoRA rows, the noise-regulator paragraph).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import fed_args, tiny_peft, toy_dataset
+
+from hf_fedlora import DeerConfig, FederatedTrainer, FedLoraConfig, RoLoraConfig
+from hf_fedlora.federation.adapter_state import HEAD, LORA_A, LORA_B, factor_of, payload_nbytes
+
+SIZES = [10, 20, 30]  # unequal clients: a wrong weighting would show
+
+
+class RecordingTrainer(FederatedTrainer):
+    """Records every client's full adapter right after its local work, and every server aggregation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.client_records: list[dict] = []
+        self.aggregations: list[dict] = []
+        aggregate = self.method.aggregate
+
+        def recording_aggregate(uploads, weights):
+            result = aggregate(uploads, weights)
+            self.aggregations.append({"uploads": uploads, "weights": list(weights), "result": result})
+            return result
+
+        self.method.aggregate = recording_aggregate
+
+    def _client_update(self, name, round_index, sub_round, steps):
+        upload, losses = super()._client_update(name, round_index, sub_round, steps)
+        self.client_records.append(
+            {"client": name, "round": round_index, "sub_round": sub_round, "upload": upload, "adapter": adapter(self)}
+        )
+        return upload, losses
+
+
+def adapter(trainer: FederatedTrainer) -> dict[str, torch.Tensor]:
+    """Detached copies of the model's adapter tensors (LoRA factors and head), by name."""
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if factor_of(n) is not None}
+
+
+def names_of(state, factor: str) -> set[str]:
+    return {name for name in state if factor_of(name) == factor}
+
+
+def adapted_layers(state) -> list[tuple[str, str]]:
+    """(A name, B name) of every adapted layer."""
+    return [(a, a.replace(".lora_A.", ".lora_B.")) for a in sorted(names_of(state, LORA_A))]
+
+
+def split_clients(sizes, seed=0):
+    data = toy_dataset(n=sum(sizes), seed=seed)
+    clients, start = [], 0
+    for size in sizes:
+        clients.append(data.select(range(start, start + size)))
+        start += size
+    return clients
+
+
+def run_recorded(tmp_path, config_cls, rounds, **config_kwargs) -> tuple[RecordingTrainer, dict[str, torch.Tensor]]:
+    """Train (non-private, weight decay on so a frozen-but-optimised factor would move) and return the initial state."""
+    trainer = RecordingTrainer(
+        model=tiny_peft(config_cls, **config_kwargs),
+        args=fed_args(tmp_path, num_rounds=rounds, num_clients=None, local_steps=3, weight_decay=0.1),
+        train_dataset=split_clients(SIZES),
+    )
+    initial = adapter(trainer)
+    trainer.train()
+    return trainer, initial
+
+
+def replay_server(trainer: RecordingTrainer, initial: dict[str, torch.Tensor]):
+    """Per aggregation: (the server's state before it, after it, the client records of that sub-round)."""
+    server = dict(initial)
+    steps = []
+    per_sub_round = len(SIZES)
+    for index, aggregation in enumerate(trainer.aggregations):
+        records = trainer.client_records[index * per_sub_round : (index + 1) * per_sub_round]
+        assert len({(r["round"], r["sub_round"]) for r in records}) == 1
+        before = dict(server)
+        server.update(aggregation["result"])
+        steps.append((before, dict(server), records))
+    return steps
+
+
+def deviation(records, server_after, a_key, b_key) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_k p_k B_k A_k - B_bar A_bar, sum_k p_k B_k A_k) for one layer, p_k proportional to client size."""
+    p = [size / sum(SIZES) for size in SIZES]
+    mean_product = sum(
+        pk * r["adapter"][b_key].double() @ r["adapter"][a_key].double() for pk, r in zip(p, records, strict=True)
+    )
+    product_of_means = server_after[b_key].double() @ server_after[a_key].double()
+    return mean_product - product_of_means, mean_product
+
+
+EXPECTED_SCHEDULES = {
+    # (round, sub_round) -> the LoRA factor trained, in order of the server's aggregations
+    "deer": [(0, 0, LORA_B), (0, 1, LORA_A), (1, 0, LORA_B), (1, 1, LORA_A)],
+    "rolora": [(0, 0, LORA_B), (1, 0, LORA_A), (2, 0, LORA_B)],
+}
+ALTERNATING = [(DeerConfig, "deer", 2), (RoLoraConfig, "rolora", 3)]
+
+
+# --------------------------------------------------------------------------------------
+# 1. Exact aggregation by alternation, frozen peer, upload contents
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("config_cls", "method", "rounds"), ALTERNATING, ids=["deer", "rolora"])
+def test_alternation_aggregates_exactly_and_keeps_the_peer_frozen(tmp_path, config_cls, method, rounds):
+    """After every DEeR sub-round / RoLoRA round, B_bar @ A_bar is the weighted mean of the clients' B_k @ A_k;
+    the frozen factor is bit-identical on every client and on the server; uploads hold the trained factor + head."""
+    trainer, initial = run_recorded(tmp_path, config_cls, rounds)
+    steps = replay_server(trainer, initial)
+    schedule = EXPECTED_SCHEDULES[method]
+    assert len(steps) == len(schedule)
+    layers = adapted_layers(initial)
+    assert len(layers) == 4  # query and value in 2 layers
+    heads = names_of(initial, HEAD)
+    assert heads
+
+    for (before, after, records), (round_index, sub_round, trained) in zip(steps, schedule, strict=True):
+        frozen = LORA_A if trained == LORA_B else LORA_B
+        assert [(r["round"], r["sub_round"]) for r in records] == [(round_index, sub_round)] * len(SIZES)
+        for record in records:
+            # the upload: exactly the trained factor and the head
+            assert set(record["upload"]) == names_of(initial, trained) | heads
+            # the frozen factor: bit-identical to the server's on every client (weight decay is on)
+            for name in names_of(initial, frozen):
+                assert torch.equal(record["adapter"][name], before[name]), f"{record['client']}: {name} moved"
+        # the server leaves the frozen factor alone and really moved the trained one
+        for name in names_of(initial, frozen):
+            assert torch.equal(after[name], before[name])
+        assert all(not torch.equal(after[n], before[n]) for n in names_of(initial, trained))
+        for a_key, b_key in layers:
+            gap, mean_product = deviation(records, after, a_key, b_key)
+            assert mean_product.abs().max() > 1e-4  # not 0 == 0
+            assert gap.abs().max() <= 1e-5 * mean_product.abs().max(), f"{a_key}: deviation {gap.abs().max()}"
+
+    # the server's final adapter is what the replay says: nothing happened outside the recorded aggregations
+    final = adapter(trainer)
+    assert all(torch.equal(final[name], steps[-1][1][name]) for name in final)
+
+
+def test_lora_baseline_has_a_nonzero_deviation_control(tmp_path):
+    """Control: FedLoraConfig (A and B trained jointly, averaged separately) leaves a clear deviation."""
+    trainer, initial = run_recorded(tmp_path, FedLoraConfig, rounds=2)
+    steps = replay_server(trainer, initial)
+    assert len(steps) == 2
+    _, after, records = steps[-1]
+    relative = []
+    for a_key, b_key in adapted_layers(initial):
+        gap, mean_product = deviation(records, after, a_key, b_key)
+        relative.append(float(gap.abs().max() / mean_product.abs().max()))
+    assert min(relative) > 1e-3, relative  # two orders of magnitude above the bound the alternating methods meet
+
+
+@pytest.mark.parametrize(("config_cls", "rounds"), [(DeerConfig, 1), (RoLoraConfig, 2)], ids=["deer", "rolora"])
+def test_alternating_upload_lora_part_is_half_of_lora(tmp_path, config_cls, rounds):
+    """On the tiny BERT's square query/value layers, each upload's LoRA part is half of FedLoraConfig's bytes."""
+    trainer, _ = run_recorded(tmp_path / "alt", config_cls, rounds)
+    baseline, _ = run_recorded(tmp_path / "lora", FedLoraConfig, 1)
+
+    def lora_bytes(upload):
+        return payload_nbytes({k: v for k, v in upload.items() if factor_of(k) in (LORA_A, LORA_B)})
+
+    lora = lora_bytes(baseline.client_records[0]["upload"])
+    assert lora > 0
+    assert {r["sub_round"] if config_cls is DeerConfig else r["round"] for r in trainer.client_records} == {0, 1}
+    for record in trainer.client_records:  # B uploads and A uploads alike
+        assert 2 * lora_bytes(record["upload"]) == lora
+
+
+# --------------------------------------------------------------------------------------
+# 2. DEeR's ablation switches
+# --------------------------------------------------------------------------------------
+def contract_profile(config) -> dict:
+    """Everything the method tells the trainer and the privacy layer, over a few rounds, sub-rounds and steps."""
+    method = config.build_method()
+    profile = {"regulates_noise": method.regulates_noise(), "filter": method.noisy_gradient_filter()}
+    profile["lr_scale"] = {f: method.learning_rate_scale(f) for f in (LORA_A, LORA_B, HEAD)}
+    profile["sub_rounds"] = [method.num_sub_rounds(r) for r in range(4)]
+    profile["trained"] = {
+        (r, s, step): method.trained_factors(r, s, step) for r in range(4) for s in range(2) for step in range(3)
+    }
+    profile["uploaded"] = {(r, s): method.uploaded_factors(r, s) for r in range(4) for s in range(2)}
+    return profile
+
+
+def test_each_deer_switch_changes_exactly_what_it_names():
+    """deviation_eliminator changes only sub-rounds and factors; noise_regulator only regulates_noise()."""
+    base = dict(r=4, target_modules=["query"])
+    default = contract_profile(DeerConfig(**base))
+    no_eliminator = contract_profile(DeerConfig(deviation_eliminator=False, **base))
+    no_regulator = contract_profile(DeerConfig(noise_regulator=False, **base))
+
+    assert default["regulates_noise"] is True and default["sub_rounds"] == [2, 2, 2, 2]
+    assert all(factors == {(LORA_B, LORA_A)[s], HEAD} for (_, s, _), factors in default["trained"].items())
+    assert default["uploaded"][(0, 0)] == {LORA_B, HEAD} and default["uploaded"][(3, 1)] == {LORA_A, HEAD}
+
+    changed = {key for key in default if default[key] != no_eliminator[key]}
+    assert changed == {"sub_rounds", "trained", "uploaded"}
+    assert no_eliminator["sub_rounds"] == [1, 1, 1, 1]
+    assert all(no_eliminator["trained"][(r, 0, step)] == {LORA_A, LORA_B, HEAD} for r in range(4) for step in range(3))
+    assert all(no_eliminator["uploaded"][(r, 0)] == {LORA_A, LORA_B, HEAD} for r in range(4))
+
+    changed = {key for key in default if default[key] != no_regulator[key]}
+    assert changed == {"regulates_noise"}
+    assert no_regulator["regulates_noise"] is False
+
+
+def test_deer_without_eliminator_trains_jointly_in_one_sub_round(tmp_path):
+    """deviation_eliminator=False through the trainer: one aggregation per round, uploads carry A, B and head."""
+    trainer, initial = run_recorded(tmp_path, DeerConfig, rounds=2, deviation_eliminator=False)
+    assert len(trainer.aggregations) == 2
+    assert all(record["sub_round"] == 0 for record in trainer.client_records)
+    for record in trainer.client_records:
+        assert set(record["upload"]) == set(initial)
+        assert any(not torch.equal(record["adapter"][n], initial[n]) for n in names_of(initial, LORA_A))
+
+
+def test_rolora_and_deer_do_not_regulate_noise_unless_asked():
+    """RoLoRA has no regulator; DEeR has one by default."""
+    assert RoLoraConfig(r=4, target_modules=["query"]).build_method().regulates_noise() is False
+    assert DeerConfig(r=4, target_modules=["query"]).build_method().regulates_noise() is True
+
+
+@pytest.mark.parametrize("field_name", ["deviation_eliminator", "noise_regulator"])
+@pytest.mark.parametrize("value", ["yes", 1, 0, None])
+def test_deer_switches_accept_only_booleans(field_name, value):
+    """A switch that is not True/False fails at construction and names itself."""
+    with pytest.raises(ValueError, match=field_name):
+        DeerConfig(r=4, target_modules=["query"], **{field_name: value})
+
+
+@pytest.mark.parametrize(("eliminator", "regulator"), [(False, True), (True, False)])
+def test_deer_switches_round_trip_through_save_and_from_pretrained(tmp_path, eliminator, regulator):
+    """A saved DEeR run comes back as a DeerConfig with its switches, while adapter_config.json stays plain LoRA."""
+    trainer = FederatedTrainer(
+        tiny_peft(DeerConfig, deviation_eliminator=eliminator, noise_regulator=regulator, init_seed=3),
+        fed_args(tmp_path, num_rounds=1, local_steps=1),
+        train_dataset=toy_dataset(32),
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+
+    config = FedLoraConfig.from_pretrained(str(tmp_path / "saved"))
+    assert type(config) is DeerConfig
+    assert (config.deviation_eliminator, config.noise_regulator, config.init_seed) == (eliminator, regulator, 3)
+    plain = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    assert not {"deviation_eliminator", "noise_regulator", "init_seed"} & set(plain)
+
+
+def test_saved_rolora_run_loads_as_rolora(tmp_path):
+    """FedLoraConfig.from_pretrained on a saved RoLoRA run gives back a RoLoraConfig."""
+    trainer = FederatedTrainer(
+        tiny_peft(RoLoraConfig), fed_args(tmp_path, num_rounds=1, local_steps=1), train_dataset=toy_dataset(32)
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert type(FedLoraConfig.from_pretrained(str(tmp_path / "saved"))) is RoLoraConfig
