@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 
+import dp_accounting
 import pytest
 import torch
+from dp_accounting.rdp import RdpAccountant
+from opacus.accountants import RDPAccountant
 from tiny import fed_args, tiny_peft, toy_dataset
 
 from hf_fedlora import DeerConfig, FederatedTrainer, FedLoraConfig, RoLoraConfig
@@ -64,15 +67,18 @@ def split_clients(sizes, seed=0):
     return clients
 
 
-def run_recorded(tmp_path, config_cls, rounds, **config_kwargs) -> tuple[RecordingTrainer, dict[str, torch.Tensor]]:
-    """Train (non-private, weight decay on so a frozen-but-optimised factor would move) and return the initial state."""
+def run_recorded(
+    tmp_path, config_cls, rounds, args: dict | None = None, **config_kwargs
+) -> tuple[RecordingTrainer, dict[str, torch.Tensor]]:
+    """Train (weight decay on, so a frozen-but-optimised factor would move) and return the initial adapter."""
+    overrides = {"num_rounds": rounds, "num_clients": None, "local_steps": 3, "weight_decay": 0.1, **(args or {})}
     trainer = RecordingTrainer(
         model=tiny_peft(config_cls, **config_kwargs),
-        args=fed_args(tmp_path, num_rounds=rounds, num_clients=None, local_steps=3, weight_decay=0.1),
+        args=fed_args(tmp_path, **overrides),
         train_dataset=split_clients(SIZES),
     )
     initial = adapter(trainer)
-    trainer.train()
+    trainer.output = trainer.train()
     return trainer, initial
 
 
@@ -264,3 +270,63 @@ def test_saved_rolora_run_loads_as_rolora(tmp_path):
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
     assert type(FedLoraConfig.from_pretrained(str(tmp_path / "saved"))) is RoLoraConfig
+
+
+# --------------------------------------------------------------------------------------
+# 3. Under DP-SGD: every sub-round's steps are accounted
+# --------------------------------------------------------------------------------------
+def independent_rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Google's dp_accounting (RDP, on Opacus's orders >= 2), from (sigma, q, steps) alone."""
+    accountant = RdpAccountant(orders=[order for order in RDPAccountant.DEFAULT_ALPHAS if order >= 2])
+    event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    accountant.compose(event, steps)
+    return accountant.get_epsilon(delta)
+
+
+# The current trainer wraps a client's optimizer in Opacus's DPOptimizer before it sets the sub-round's trainable
+# factors, so DPOptimizer never initialises `summed_grad` on a factor that starts training later (RoLoRA's round 2,
+# DEeR's sub-round 1) and its first step fails with AttributeError. Strict: this fails loudly once the fix lands.
+TRAINER_DP_ALTERNATION_BUG = pytest.mark.xfail(
+    raises=AttributeError,
+    strict=True,
+    reason="trainer/engine: DPOptimizer built before the sub-round's trainable set (summed_grad missing)",
+)
+
+
+@TRAINER_DP_ALTERNATION_BUG
+@pytest.mark.parametrize(
+    ("config_cls", "rounds", "steps_per_round"),
+    [(DeerConfig, 2, 2 * 2), (RoLoraConfig, 2, 2)],  # local_steps=2; DEeR runs two local passes a round
+    ids=["deer", "rolora"],
+)
+def test_dp_run_accounts_every_sub_round_and_stays_exact(tmp_path, config_cls, rounds, steps_per_round):
+    """With DP-SGD (noise multiplier 1), each client's epsilon is an independent accountant's over
+    rounds x sub-rounds x local steps, and alternation still aggregates exactly with the peer frozen."""
+    dp = {"dp_noise_multiplier": 1.0, "local_steps": 2}
+    trainer, initial = run_recorded(tmp_path, config_cls, rounds, args=dp)
+    report = trainer.privacy_report()
+    assert report["private"] is True and report["accountant"] == "rdp"
+    assert trainer.output.metrics["epsilon"] == report["epsilon"]
+
+    expected_steps = rounds * steps_per_round
+    for name, size in zip([f"client_{i}" for i in range(len(SIZES))], SIZES, strict=True):
+        client = report["clients"][name]
+        assert client["steps"] == expected_steps
+        assert client["sample_rate"] == 8 / size and client["noise_multiplier"] == 1.0
+        independent = independent_rdp_epsilon(1.0, 8 / size, expected_steps, report["delta"])
+        assert client["epsilon"] == pytest.approx(independent, rel=5e-3)  # fractional-order RDP differs ~0.1%
+        # counting only one local pass per round would be a visibly different number
+        fewer = independent_rdp_epsilon(1.0, 8 / size, rounds * 2, report["delta"])
+        if steps_per_round != 2:
+            assert client["epsilon"] > 1.05 * fewer
+    assert report["epsilon"] == max(c["epsilon"] for c in report["clients"].values())
+
+    for before, after, records in replay_server(trainer, initial):
+        trained = {factor_of(n) for n in records[0]["upload"]} - {HEAD}
+        assert len(trained) == 1
+        frozen = ({LORA_A, LORA_B} - trained).pop()
+        for record in records:
+            assert all(torch.equal(record["adapter"][n], before[n]) for n in names_of(initial, frozen))
+        for a_key, b_key in adapted_layers(initial):
+            gap, mean_product = deviation(records, after, a_key, b_key)
+            assert gap.abs().max() <= 1e-5 * mean_product.abs().max()
