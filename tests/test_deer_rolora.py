@@ -16,6 +16,7 @@ from tiny import fed_args, tiny_peft, toy_dataset
 
 from hf_fedlora import DeerConfig, FederatedTrainer, FedLoraConfig, RoLoraConfig
 from hf_fedlora.federation.adapter_state import HEAD, LORA_A, LORA_B, factor_of, payload_nbytes
+from hf_fedlora.privacy.noise_regulator import regulated_noise
 
 SIZES = [10, 20, 30]  # unequal clients: a wrong weighting would show
 
@@ -330,3 +331,183 @@ def test_dp_run_accounts_every_sub_round_and_stays_exact(tmp_path, config_cls, r
         for a_key, b_key in adapted_layers(initial):
             gap, mean_product = deviation(records, after, a_key, b_key)
             assert gap.abs().max() <= 1e-5 * mean_product.abs().max()
+
+
+# --------------------------------------------------------------------------------------
+# 4. The noise regulator (privacy/noise_regulator.py)
+# --------------------------------------------------------------------------------------
+M, N_IN, R = 6, 5, 3  # B is M x R, A is R x N_IN
+STD = 0.7
+DRAWS = 40_000  # rows of xi_B (columns of xi_A) per check: eigenvalue sampling error ~ sqrt(2 / DRAWS) = 0.7%
+TOL = 0.04  # > 5 standard errors
+
+
+def peer_with_singular_values(rows: int, cols: int, values, seed: int = 0) -> torch.Tensor:
+    """A rows x cols float32 matrix with the given singular values and random singular vectors."""
+    generator = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=generator, dtype=torch.float64))
+    k = len(values)
+    return (u[:, :k] @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ v[:, :k].T).float()
+
+
+def rank_space_samples(trained: str, peer: torch.Tensor, std: float = STD, seed: int = 1) -> torch.Tensor:
+    """DRAWS i.i.d. samples (as rows) of a row of xi_B, or of a column of xi_A, from one vectorised call."""
+    generator = torch.Generator().manual_seed(seed)
+    if trained == LORA_B:
+        return regulated_noise(LORA_B, peer, (DRAWS, peer.shape[0]), std, generator).double()
+    return regulated_noise(LORA_A, peer, (peer.shape[1], DRAWS), std, generator).double().T
+
+
+def covariance(samples: torch.Tensor) -> torch.Tensor:
+    """Empirical covariance of zero-mean samples (one per row)."""
+    return samples.T @ samples / samples.shape[0]
+
+
+def smallest_eigenvalue(samples: torch.Tensor) -> float:
+    return float(torch.linalg.eigvalsh(covariance(samples))[0])
+
+
+def paper_noise_rows(peer_a: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Rows of xi_B = scale * N @ pinv(A), straight from the formula (N i.i.d. N(0, STD^2), one row per draw)."""
+    noise = STD * torch.randn(DRAWS, peer_a.shape[1], generator=generator, dtype=torch.float64)
+    return scale * noise @ torch.linalg.pinv(peer_a.double())
+
+
+BIG, SMALL = (3.0, 1.5, 0.6), (0.8, 0.4, 0.25)  # sigma_max above 1, and below 1
+
+
+@pytest.mark.parametrize("values", [BIG, SMALL], ids=["sigma_max_above_1", "sigma_max_below_1"])
+@pytest.mark.parametrize("trained", [LORA_B, LORA_A])
+def test_regulated_noise_is_at_least_nominal_in_every_direction(trained, values):
+    """The regulated noise's covariance has smallest eigenvalue std^2 (never below nominal) and is the
+    covariance of sigma_max * N @ pinv(A) (or sigma_max * pinv(B) @ N) derived from the formula."""
+    peer = peer_with_singular_values(R, N_IN, values) if trained == LORA_B else peer_with_singular_values(M, R, values)
+    samples = rank_space_samples(trained, peer)
+    assert torch.isfinite(samples).all()
+    smallest = smallest_eigenvalue(samples)
+    assert smallest >= STD**2 * (1 - TOL)
+    assert smallest <= STD**2 * (1 + TOL)  # c = sigma_max exactly: nominal along the top direction, not more
+
+    # the formula, computed independently: rows of c N pinv(A) have covariance c^2 std^2 pinv(A)^T pinv(A);
+    # columns of c pinv(B) N have covariance c^2 std^2 pinv(B) pinv(B)^T
+    c = max(values)
+    pinv = torch.linalg.pinv(peer.double())
+    expected = c**2 * STD**2 * (pinv.T @ pinv if trained == LORA_B else pinv @ pinv.T)
+    assert torch.linalg.norm(covariance(samples) - expected) <= TOL * torch.linalg.norm(expected)
+
+
+def test_paper_c_equal_one_fails_the_nominal_check_when_sigma_max_exceeds_1():
+    """Control: the paper's c = 1 puts less than nominal noise along A's top direction when sigma_max(A) > 1."""
+    generator = torch.Generator().manual_seed(2)
+    big = peer_with_singular_values(R, N_IN, BIG)
+    assert smallest_eigenvalue(paper_noise_rows(big, 1.0, generator)) < STD**2 * (1 - TOL)
+    assert smallest_eigenvalue(paper_noise_rows(big, 1.0, generator)) == pytest.approx(STD**2 / 9, rel=TOL)
+    # the same formula with c = sigma_max passes, and c = 1 is fine when sigma_max < 1
+    assert smallest_eigenvalue(paper_noise_rows(big, max(BIG), generator)) >= STD**2 * (1 - TOL)
+    small = peer_with_singular_values(R, N_IN, SMALL)
+    assert smallest_eigenvalue(paper_noise_rows(small, 1.0, generator)) >= STD**2 * (1 - TOL)
+
+
+def weight_perturbation(trained: str, peer: torch.Tensor) -> torch.Tensor:
+    """DRAWS samples (rows) of a row of xi_B @ A, or of a column of B @ xi_A."""
+    if trained == LORA_B:
+        return rank_space_samples(LORA_B, peer) @ peer.double()
+    return rank_space_samples(LORA_A, peer) @ peer.double().T
+
+
+def relative_gap(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.linalg.norm(x - y) / torch.linalg.norm(y))
+
+
+@pytest.mark.parametrize("trained", [LORA_B, LORA_A])
+def test_weight_perturbation_depends_on_the_peer_only_through_its_subspace_and_sigma_max(trained):
+    """xi_B @ A = sigma_max(A) * N @ P_row(A) (and B @ xi_A = sigma_max(B) * P_col(B) @ N): rescaling the peer
+    leaves the trained factor's noise unchanged in law and scales the weight perturbation by the same factor;
+    a peer with the same singular vectors and sigma_max but another spread gives the same weight perturbation
+    (isotropic noise would not)."""
+    shape = (R, N_IN) if trained == LORA_B else (M, R)
+    peer = peer_with_singular_values(*shape, BIG)
+    flatter = peer_with_singular_values(*shape, (3.0, 2.9, 2.5))  # same singular vectors (same seed), same sigma_max
+    reference = covariance(weight_perturbation(trained, peer))
+
+    # analytic: sigma_max^2 std^2 times the orthogonal projector on the peer's row (column) space
+    basis = peer.double() if trained == LORA_B else peer.double().T
+    projector = torch.linalg.pinv(basis) @ basis
+    assert relative_gap(reference, max(BIG) ** 2 * STD**2 * projector) <= TOL
+
+    for alpha in (0.1, 10.0):
+        scaled = alpha * peer
+        assert (
+            relative_gap(covariance(rank_space_samples(trained, scaled)), covariance(rank_space_samples(trained, peer)))
+            <= TOL
+        )
+        assert relative_gap(covariance(weight_perturbation(trained, scaled)) / alpha**2, reference) <= TOL
+
+    assert relative_gap(covariance(weight_perturbation(trained, flatter)), reference) <= TOL
+    isotropic = STD**2 * basis.T @ basis  # the weight perturbation of plain N(0, std^2) noise on the trained factor
+    flatter_basis = flatter.double() if trained == LORA_B else flatter.double().T
+    assert relative_gap(STD**2 * flatter_basis.T @ flatter_basis, isotropic) > 10 * TOL
+
+
+@pytest.mark.parametrize(
+    ("trained", "peer_shape", "singular_values"),
+    [
+        (LORA_B, (R, N_IN), ()),  # zero A
+        (LORA_A, (M, R), ()),  # zero B: B before its first sub-round
+        (LORA_B, (R, N_IN), (2.0, 1.0)),  # rank 2 of 3
+        (LORA_B, (R, N_IN), (2.0, 1.0, 2e-9)),  # third direction below float32's pinv cutoff
+        (LORA_A, (M, R), (2.0, 1.0)),
+        (LORA_B, (R, 2), (2.0, 1.0)),  # r = 3 > n = 2: A has at most 2 singular values
+    ],
+    ids=["zero_A", "zero_B", "rank2_A", "negligible_A", "rank2_B", "r_above_n"],
+)
+def test_zero_and_rank_deficient_peers_give_finite_noise_at_least_nominal(trained, peer_shape, singular_values):
+    """Directions the peer does not span get nominal noise: finite, at least std^2, never blown up by 1 / s;
+    a zero peer gives exactly isotropic nominal noise."""
+    peer = peer_with_singular_values(*peer_shape, singular_values)
+    samples = rank_space_samples(trained, peer)
+    assert torch.isfinite(samples).all()
+    eigenvalues = torch.linalg.eigvalsh(covariance(samples))
+    assert eigenvalues[0] >= STD**2 * (1 - TOL)
+    largest_factor = 2.0 if singular_values else 1.0  # sigma_max / s over the spanned directions: 2 / 1
+    assert eigenvalues[-1] <= largest_factor**2 * STD**2 * (1 + TOL)
+    if not singular_values:
+        assert not peer.any()
+        assert relative_gap(covariance(samples), STD**2 * torch.eye(R, dtype=torch.float64)) <= TOL
+
+
+def test_regulated_noise_draws_only_from_the_given_generator_and_keeps_dtype():
+    """Same generator state, same noise, whatever the global RNG; another seed, other noise; dtype and shape kept."""
+    peer = peer_with_singular_values(R, N_IN, BIG)
+    torch.manual_seed(0)
+    first = regulated_noise(LORA_B, peer, (M, R), STD, torch.Generator().manual_seed(5))
+    torch.manual_seed(1)
+    again = regulated_noise(LORA_B, peer, (M, R), STD, torch.Generator().manual_seed(5))
+    other = regulated_noise(LORA_B, peer, (M, R), STD, torch.Generator().manual_seed(6))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.shape == (M, R) and first.dtype == torch.float32
+    as_double = regulated_noise(LORA_A, peer.double().T, (R, N_IN), STD, torch.Generator().manual_seed(5))
+    assert as_double.shape == (R, N_IN) and as_double.dtype == torch.float64
+    half = regulated_noise(LORA_B, peer, (M, R), STD, torch.Generator(), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
+    assert torch.equal(regulated_noise(LORA_B, peer, (M, R), 0.0, torch.Generator()), torch.zeros(M, R))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"trained_factor": HEAD}, "trained_factor"),
+        ({"shape": (M, R + 1)}, "shape"),
+        ({"std": -1.0}, "std"),
+        ({"std": float("nan")}, "std"),
+        ({"peer": torch.full((R, N_IN), float("nan"))}, "peer"),
+        ({"peer": torch.zeros(R, N_IN, 1, 1)}, "peer"),
+    ],
+)
+def test_regulated_noise_rejects_bad_inputs_naming_them(kwargs, named):
+    """A wrong factor, shape, std or a broken peer is refused with a message naming the argument."""
+    call = {"trained_factor": LORA_B, "peer": torch.ones(R, N_IN), "shape": (M, R), "std": 1.0}
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=named):
+        regulated_noise(generator=torch.Generator(), **call)
