@@ -8,19 +8,21 @@ from .federation.partition import (
     partition_dirichlet,
     partition_iid,
 )
-from .methods import FederatedMethod, FedLoraConfig, FFALoraConfig, LALoraConfig
+from .methods import DeerConfig, FederatedMethod, FedLoraConfig, FFALoraConfig, LALoraConfig, RoLoraConfig
 from .trainer import FederatedTrainer
 from .training_args import FederatedTrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeerConfig",
     "FFALoraConfig",
     "FedLoraConfig",
     "FederatedMethod",
     "FederatedTrainer",
     "FederatedTrainingArguments",
     "LALoraConfig",
+    "RoLoraConfig",
     "label_histogram",
     "partition_by_column",
     "partition_by_label_proportions",

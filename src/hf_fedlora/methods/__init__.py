@@ -1,11 +1,13 @@
 """One file per federated LoRA method: its config class and the method object it builds."""
 
 from .base import FederatedMethod
+from .deer import DeerConfig, DeerMethod
 from .ffa_lora import FFALoraConfig, FFALoraMethod
 from .la_lora import LALoraConfig, LALoraMethod
 from .lora import FedLoraConfig, FedLoraMethod
+from .rolora import RoLoraConfig, RoLoraMethod
 
-CONFIG_CLASSES: tuple[type[FedLoraConfig], ...] = (FedLoraConfig, FFALoraConfig, LALoraConfig)
+CONFIG_CLASSES: tuple[type[FedLoraConfig], ...] = (FedLoraConfig, FFALoraConfig, RoLoraConfig, DeerConfig, LALoraConfig)
 
 
 def config_class_for(method_name: str) -> type[FedLoraConfig]:
@@ -20,6 +22,8 @@ def config_class_for(method_name: str) -> type[FedLoraConfig]:
 __all__ = [
     "CONFIG_CLASSES",
     "config_class_for",
+    "DeerConfig",
+    "DeerMethod",
     "FederatedMethod",
     "FedLoraConfig",
     "FedLoraMethod",
@@ -27,4 +31,6 @@ __all__ = [
     "FFALoraMethod",
     "LALoraConfig",
     "LALoraMethod",
+    "RoLoraConfig",
+    "RoLoraMethod",
 ]
