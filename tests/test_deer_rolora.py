@@ -284,17 +284,9 @@ def independent_rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: 
     return accountant.get_epsilon(delta)
 
 
-# The current trainer wraps a client's optimizer in Opacus's DPOptimizer before it sets the sub-round's trainable
-# factors, so DPOptimizer never initialises `summed_grad` on a factor that starts training later (RoLoRA's round 2,
-# DEeR's sub-round 1) and its first step fails with AttributeError. Strict: this fails loudly once the fix lands.
-TRAINER_DP_ALTERNATION_BUG = pytest.mark.xfail(
-    raises=AttributeError,
-    strict=True,
-    reason="trainer/engine: DPOptimizer built before the sub-round's trainable set (summed_grad missing)",
-)
 
 
-@TRAINER_DP_ALTERNATION_BUG
+
 @pytest.mark.parametrize(
     ("config_cls", "rounds", "steps_per_round"),
     [(DeerConfig, 2, 2 * 2), (RoLoraConfig, 2, 2)],  # local_steps=2; DEeR runs two local passes a round

@@ -67,9 +67,10 @@ class RoundPrinter(TrainerCallback):
         if "eval_accuracy" in logs and self.pending:
             epsilon = self.pending.get("epsilon")
             privacy = f"epsilon {format_epsilon(epsilon):>5}" if epsilon is not None else "non-private"
-            loss = self.pending.get("train_loss", float("nan"))
+            # Under DP the clients' training losses stay on the clients (they are not covered by the guarantee).
+            loss = f"  train loss {self.pending['train_loss']:.4f}" if "train_loss" in self.pending else ""
             print(
-                f"round {int(self.pending['round']):3d}/{self.num_rounds}  train loss {loss:.4f}"
+                f"round {int(self.pending['round']):3d}/{self.num_rounds}{loss}"
                 f"  {privacy}  test accuracy {logs['eval_accuracy']:.4f}  macro-F1 {logs['eval_macro_f1']:.4f}",
                 flush=True,
             )

@@ -29,6 +29,7 @@ from transformers.utils import logging
 
 from .federation.adapter_state import (
     adapter_parameters,
+    factor_of,
     load_into,
     parameters_of,
     snapshot,
@@ -73,9 +74,10 @@ class FederatedTrainer(Trainer):
             accountant=args.dp_accountant,
             calibration=args.dp_noise_calibration,
             secret_seed=args.dp_secret_seed,
+            unit=args.dp_unit,
         )
         _check_data(self.model, config, self.client_datasets, self.eval_dataset, args.label_column)
-        if self.privacy.enabled:
+        if self._per_example_dp:
             check_supported(self.model, set(self._adapter))
             check_no_batch_statistics(self.model)
         self.continued_from = self._continue_from(config)
@@ -151,13 +153,17 @@ class FederatedTrainer(Trainer):
         args = self.args
         clients = self._clients_ready_for_training()
         rounds = range(self._rounds_done, args.num_rounds)
+        client_unit = self.privacy.enabled and self.privacy.unit == "client"
         participation_state = self._participation_rng.bit_generator.state  # restored if the plan is refused
-        schedule = {r: self._sample_participants(list(clients)) for r in rounds}
+        schedule = {r: self._sample_participants(list(clients)) for r in rounds} if not client_unit else {}
         local_steps = {name: self._local_steps(len(data)) for name, data in clients.items()}
-        planned_steps = {
-            name: sum(local_steps[name] * self.method.num_sub_rounds(r) for r in rounds if name in schedule[r])
-            for name in clients
-        }
+        if client_unit:  # a client's step is a round: every client is accounted in every round
+            planned_steps = dict.fromkeys(clients, len(rounds))
+        else:
+            planned_steps = {
+                name: sum(local_steps[name] * self.method.num_sub_rounds(r) for r in rounds if name in schedule[r])
+                for name in clients
+            }
         if self.privacy.enabled:
             try:
                 self.privacy.plan(
@@ -165,11 +171,15 @@ class FederatedTrainer(Trainer):
                     args.per_device_train_batch_size,
                     planned_steps,
                     self.args.device,
+                    client_rate=(args.clients_per_round or len(clients)) / len(clients),
+                    releases_per_round=max((self.method.num_sub_rounds(r) for r in rounds), default=1),
                 )
             except ValueError:
                 self._participation_rng.bit_generator.state = participation_state
                 raise
-            logger.info(f"Differential privacy (unit: one example): {self._privacy_summary()}")
+            if client_unit:  # who takes part must stay secret for the client-sampling amplification
+                schedule = {r: self.privacy.sample_participants(list(clients)) for r in rounds}
+            logger.info(f"Differential privacy (unit: one {self.privacy.unit}): {self._privacy_summary()}")
             if self.privacy.seeded:
                 logger.warning(
                     "The DP randomness (batch sampling and noise) comes from dp_secret_seed: the guarantee holds only "
@@ -185,6 +195,8 @@ class FederatedTrainer(Trainer):
             for round_index in rounds:
                 self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
                 losses = self._run_round(round_index, schedule[round_index], local_steps)
+                if client_unit:
+                    self.privacy.record_round(list(clients))
                 self._rounds_done = round_index + 1
                 self.state.global_step = self._rounds_done
                 self.state.epoch = float(self._rounds_done)
@@ -233,32 +245,47 @@ class FederatedTrainer(Trainer):
         """One client's local work from the global adapter; returns its upload (None if it ran no step)."""
         load_into(self._adapter, self._global_state)
         self.model.train()
-        private = self.privacy.enabled
+        per_example = self._per_example_dp
         optimizer = self._fresh_optimizer()
-        if private:
-            optimizer = self.privacy.private_optimizer(optimizer, name, self.args.per_device_train_batch_size)
+        if per_example:
+            optimizer = self.privacy.private_optimizer(
+                optimizer,
+                name,
+                self.args.per_device_train_batch_size,
+                self._adapter,
+                regulate=self.method.regulates_noise(),
+                noisy_gradient_filter=self.method.noisy_gradient_filter(),
+            )
         data = self._prepared_clients[name]
-        order = torch.randperm(len(data), generator=self._shuffle_generators[name]).tolist() if not private else None
+        order = None if per_example else torch.randperm(len(data), generator=self._shuffle_generators[name]).tolist()
         losses, steps_run = [], 0
         for step in range(steps):
-            if private and not self.privacy.can_step(name):
+            if per_example and not self.privacy.can_step(name):
                 logger.warning(f"Client {name!r} has spent its privacy budget and stops training.")
                 break
             self._set_trainable(self.method.trained_factors(round_index, sub_round, step))
-            indices = self.privacy.sample_batch(name) if private else _next_batch(order, step, self.args)
+            indices = self.privacy.sample_batch(name) if per_example else _next_batch(order, step, self.args)
             loss = self._local_step(data, indices, optimizer)
-            if private:
+            if per_example:
                 self.privacy.record_step(name)
             if loss is not None:
                 losses.append(loss)
             steps_run += 1
         optimizer.zero_grad(set_to_none=True)
-        if private and not self.args.publish_unprotected_statistics:
+        if self.privacy.enabled and not self.args.publish_unprotected_statistics:
             losses = []  # computed without noise: under DP they stay on the client
         if steps_run == 0:
             return None, losses
-        uploaded = parameters_of(self._adapter, self.method.uploaded_factors(round_index, sub_round))
-        return snapshot(uploaded), losses
+        upload = snapshot(parameters_of(self._adapter, self.method.uploaded_factors(round_index, sub_round)))
+        if self.privacy.enabled and self.privacy.unit == "client":
+            start = {key: self._global_state[key] for key in upload}
+            upload = self.privacy.release(name, start, upload, self._global_state, self.method.regulates_noise())
+        return upload, losses
+
+    @property
+    def _per_example_dp(self) -> bool:
+        """DP-SGD inside the client (example unit); under the client unit only the round's update is noised."""
+        return self.privacy.enabled and self.privacy.unit == "example"
 
     def _local_step(self, data: Dataset, indices: list[int], optimizer: torch.optim.Optimizer) -> float | None:
         """One optimizer step; under DP an empty Poisson batch still takes a (pure-noise) step."""
@@ -269,7 +296,7 @@ class FederatedTrainer(Trainer):
             optimizer.zero_grad(set_to_none=True)
             return None
         loss = self._backward_batch(data, indices)
-        if not self.privacy.enabled and self.args.max_grad_norm and self.args.max_grad_norm > 0:
+        if not self._per_example_dp and self.args.max_grad_norm and self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self.args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -282,12 +309,15 @@ class FederatedTrainer(Trainer):
         features = [{key: values[i] for key, values in rows.items()} for i in range(len(indices))]
         inputs = self._prepare_inputs(self.data_collator(features))
         with self.compute_loss_context_manager():
-            if self.privacy.enabled:
+            if self._per_example_dp:
                 loss, example_losses = summed_example_losses(self.model, inputs, len(indices), self._causal_lm)
             else:
                 loss = self.compute_loss(self.model, inputs)
         self.accelerator.backward(loss)
-        return float(example_losses.mean() if self.privacy.enabled else loss.detach())
+        if not self._per_example_dp:
+            return float(loss.detach())
+        self._per_example_gradients.fold_to_batch(len(indices))  # e.g. Swin's windows back to their examples
+        return float(example_losses.mean())
 
     # ------------------------------------------------------------------------------------
     # Pieces of a round
@@ -297,7 +327,7 @@ class FederatedTrainer(Trainer):
         trainable = parameters_of(self._adapter, factors)
         for name, parameter in self._adapter.items():
             parameter.requires_grad_(name in trainable)
-        if self.privacy.enabled:
+        if self._per_example_dp:
             self._per_example_gradients.attach_for(frozenset(trainable))
 
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -309,12 +339,22 @@ class FederatedTrainer(Trainer):
         It holds every adapter parameter; those frozen at a step have no gradient and are skipped.
         """
         decay = set(self.get_decay_parameter_names(self.model))
-        groups = [
-            {"params": [p for n, p in self._adapter.items() if n in decay], "weight_decay": self.args.weight_decay},
-            {"params": [p for n, p in self._adapter.items() if n not in decay], "weight_decay": 0.0},
-        ]
+        groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+        for name, parameter in self._adapter.items():
+            scale = self.method.learning_rate_scale(factor_of(name))  # e.g. LA-LoRA's lr_ratio_b
+            groups.setdefault((name in decay, scale), []).append(parameter)
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
-        return optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return optimizer_cls(
+            [
+                {
+                    "params": params,
+                    "weight_decay": self.args.weight_decay if decayed else 0.0,
+                    "lr": self.args.learning_rate * scale,
+                }
+                for (decayed, scale), params in groups.items()
+            ],
+            **optimizer_kwargs,
+        )
 
     @property
     def _causal_lm(self) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .privacy import ACCOUNTANTS
+from .privacy.engine import UNITS
 
 PARTITIONS = ("iid", "dirichlet", "label_proportions", "column")
 AGGREGATION_WEIGHTS = ("num_examples", "uniform")
@@ -82,6 +83,15 @@ class FederatedTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Column holding a natural client id (partition='column')."}
     )
     # --- differential privacy ----------------------------------------------------------
+    dp_unit: str = field(
+        default="example",
+        metadata={
+            "help": "Unit of privacy, one of ('example', 'client'). 'example': DP-SGD inside each client, epsilon "
+            "per training example. 'client': clients train without per-example clipping; each client's whole "
+            "round update is clipped to dp_clip_norm and noised before it leaves the client, accounted over rounds "
+            "at the client-sampling rate clients_per_round / num_clients; epsilon for all of one client's data."
+        },
+    )
     dp_target_epsilon: float | None = field(
         default=None,
         metadata={
@@ -216,8 +226,9 @@ class FederatedTrainingArguments(TrainingArguments):
         if not self.dp_clip_norm > 0:
             raise ValueError(f"dp_clip_norm must be > 0, got {self.dp_clip_norm}")
         _require_choice(self.dp_accountant, "dp_accountant", tuple(sorted(ACCOUNTANTS)))
+        _require_choice(self.dp_unit, "dp_unit", UNITS)
         _require_choice(self.dp_noise_calibration, "dp_noise_calibration", NOISE_CALIBRATIONS)
-        if self.private and self.gradient_accumulation_steps != 1:
+        if self.private and self.dp_unit == "example" and self.gradient_accumulation_steps != 1:
             raise ValueError(
                 "gradient_accumulation_steps must be 1 under DP: each Poisson-sampled batch is one private step"
             )

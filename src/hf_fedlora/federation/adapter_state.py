@@ -27,6 +27,16 @@ def factor_of(parameter_name: str) -> str | None:
     return None
 
 
+def peer_name(parameter_name: str) -> str:
+    """The other LoRA factor of the same layer: lora_A <-> lora_B (the name itself for anything else)."""
+    for one, other in ((".lora_A.", ".lora_B."), (".lora_embedding_A.", ".lora_embedding_B.")):
+        if one in parameter_name:
+            return parameter_name.replace(one, other)
+        if other in parameter_name:
+            return parameter_name.replace(other, one)
+    return parameter_name
+
+
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter's parameters (LoRA factors and task head), by name, in model order."""
     return {name: p for name, p in model.named_parameters() if factor_of(name) is not None}

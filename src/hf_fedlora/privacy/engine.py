@@ -14,6 +14,7 @@ the report then says the guarantee holds only while that seed stays secret.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,14 +23,18 @@ from typing import Any
 import numpy as np
 import torch
 from opacus.accountants import IAccountant
-from opacus.optimizers import DPOptimizer
 from transformers.utils import logging
 
+from ..federation.adapter_state import LORA_A, LORA_B, factor_of, peer_name
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_noise_multiplier
+from .dp_optimizer import ShapedNoiseDPOptimizer
+from .noise_regulator import regulated_noise
+from .postprocessing import NOISY_GRADIENT_FILTERS
 
-UNIT = "example"
-SAMPLING_STREAM, NOISE_STREAM = 0, 1
+UNIT = "example"  # the default unit of privacy
+UNITS = ("example", "client")
+SAMPLING_STREAM, NOISE_STREAM, PARTICIPATION_STREAM = 0, 1, 2
 
 logger = logging.get_logger(__name__)
 
@@ -50,6 +55,10 @@ class ClientPrivacy:
     accountant: IAccountant
     noise_generator: torch.Generator
     sampling_generator: torch.Generator
+    # Client unit: releases per accounted round (DEeR sends twice a round). Each release gets noise
+    # noise_multiplier * sqrt(releases) * C, so a round's releases together are one Gaussian mechanism
+    # with the accounted noise_multiplier.
+    releases_per_step: int = 1
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -73,7 +82,11 @@ class FederatedPrivacy:
         accountant: str = "prv",
         calibration: str = "per_client",
         secret_seed: int | None = None,
+        unit: str = UNIT,
     ):
+        if unit not in UNITS:
+            raise ValueError(f"dp_unit must be one of {list(UNITS)}, got {unit!r}")
+        self.unit = unit
         self.target_epsilon = target_epsilon
         self.delta = target_delta
         self.fixed_noise_multiplier = noise_multiplier
@@ -88,6 +101,10 @@ class FederatedPrivacy:
         self._prior_histories: dict[str, list[tuple[float, float, int]]] = {}
         # Clients of an earlier, composed run: until this run plans them (same name), they only report.
         self._past_clients: dict[str, ClientPrivacy] = {}
+        self._participation_generator = torch.Generator().manual_seed(
+            derived_seed(self._secret_root, 0, PARTICIPATION_STREAM)
+        )
+        self.client_rate = 1.0  # client unit: the Poisson rate at which clients take part in a round
 
     @property
     def enabled(self) -> bool:
@@ -100,25 +117,32 @@ class FederatedPrivacy:
         batch_size: int,
         planned_steps: Mapping[str, int],
         device: torch.device,
+        *,
+        client_rate: float = 1.0,
+        releases_per_round: int = 1,
     ) -> None:
         """Fix each client's sample rate and noise so the planned steps fit its budget; refuse plans that don't.
+
+        Example unit: a step is one DP-SGD step at sample rate batch_size / n_k. Client unit: a step is one
+        round, at the client-sampling rate `client_rate`, in which a client releases `releases_per_round`
+        clipped and noised updates.
 
         Called again on a later `train()` of the same run: the accountants keep their history,
         the noise stays as calibrated, and a plan that would take any client past its target is
         refused with the numbers, before any step runs.
         """
+        if self.unit == "client":
+            self.client_rate = client_rate
         for name, size in client_sizes.items():
-            if batch_size > size:
+            if self.unit == "example" and batch_size > size:
                 raise ValueError(
                     f"per_device_train_batch_size={batch_size} is larger than client {name!r}'s "
                     f"{size} examples: its Poisson sample rate would exceed 1. Use a smaller batch or fewer clients."
                 )
         self._check_delta(sum(client_sizes.values()))
         new_clients = [name for name in client_sizes if name not in self.clients]
-        sigmas = {
-            name: self._noise_for(client_sizes[name], batch_size, planned_steps[name], self._prior(name))
-            for name in new_clients
-        }
+        rates = {name: self._sample_rate(size, batch_size) for name, size in client_sizes.items()}
+        sigmas = {name: self._noise_for(rates[name], planned_steps[name], self._prior(name)) for name in new_clients}
         if self.calibration == "shared" and sigmas:
             shared = max(sigmas.values())
             sigmas = dict.fromkeys(sigmas, shared)
@@ -133,14 +157,18 @@ class FederatedPrivacy:
             self._past_clients.pop(name, None)
             self.clients[name] = ClientPrivacy(
                 num_examples=client_sizes[name],
-                sample_rate=batch_size / client_sizes[name],
+                sample_rate=rates[name],
                 noise_multiplier=sigmas[name],
                 step_budget=None,  # set below, once the whole plan is known to fit
                 accountant=accountant,
                 noise_generator=noise_generator,
                 sampling_generator=sampling_generator,
+                releases_per_step=releases_per_round if self.unit == "client" else 1,
             )
         self._refuse_overspending_plan(planned_steps)
+
+    def _sample_rate(self, num_examples: int, batch_size: int) -> float:
+        return self.client_rate if self.unit == "client" else batch_size / num_examples
 
     def _check_delta(self, total_examples: int) -> None:
         """delta bounds the chance that the guarantee fails for some example: it must be far below 1/N for the
@@ -156,9 +184,7 @@ class FederatedPrivacy:
                 f"(1/N={1.0 / total_examples:.3g}); a delta below {0.1 / total_examples:.3g} is the usual advice."
             )
 
-    def _noise_for(
-        self, num_examples: int, batch_size: int, steps: int, prior: list[tuple[float, float, int]]
-    ) -> float:
+    def _noise_for(self, sample_rate: float, steps: int, prior: list[tuple[float, float, int]]) -> float:
         if self.fixed_noise_multiplier is not None:
             return float(self.fixed_noise_multiplier)
         if steps == 0:
@@ -166,7 +192,7 @@ class FederatedPrivacy:
         return calibrate_noise_multiplier(
             self.target_epsilon,
             self.delta,
-            batch_size / num_examples,
+            sample_rate,
             steps,
             self.accountant_name,
             prior_history=tuple(tuple(entry) for entry in prior),
@@ -180,9 +206,9 @@ class FederatedPrivacy:
         this run keep their spent history in the report: the adapter still carries what they released.
         """
         unit = prior_privacy.get("unit")
-        if unit != UNIT:
+        if unit != self.unit:
             raise ValueError(
-                f"The adapter was trained under privacy unit {unit!r}; this run's unit is {UNIT!r}: the two cannot "
+                f"The adapter was trained under privacy unit {unit!r}; this run's unit is {self.unit!r}: they cannot "
                 "be composed. Set dp_new_privacy_budget=True only if this run's data are disjoint from that run's."
             )
         for name, client in (prior_privacy.get("clients") or {}).items():
@@ -233,17 +259,96 @@ class FederatedPrivacy:
         client = self.clients[name]
         return client.step_budget is None or client.steps_taken < client.step_budget
 
-    def private_optimizer(self, optimizer: torch.optim.Optimizer, name: str, batch_size: int) -> DPOptimizer:
-        """Opacus's DP optimizer: clip each example's gradient, sum, add N(0, (sigma*C)^2), divide by batch size."""
+    def private_optimizer(
+        self,
+        optimizer: torch.optim.Optimizer,
+        name: str,
+        batch_size: int,
+        adapter: Mapping[str, torch.nn.Parameter],
+        *,
+        regulate: bool = False,
+        noisy_gradient_filter: str | None = None,
+    ) -> ShapedNoiseDPOptimizer:
+        """DP-SGD for one client-round: clip each example's gradient, sum, add noise (shaped by the frozen peer
+        under DEeR's regulator), filter the noisy sum if the method asks (post-processing), divide by the
+        expected batch size."""
         client = self.clients[name]
-        return DPOptimizer(
+        names = {id(parameter): key for key, parameter in adapter.items()}
+        filter_fn = NOISY_GRADIENT_FILTERS[noisy_gradient_filter] if noisy_gradient_filter else None
+
+        def noise_for(parameter: torch.nn.Parameter, std: float, generator: torch.Generator | None) -> torch.Tensor:
+            key = names[id(parameter)]
+            return self.noise(key, parameter.shape, adapter, std, generator, regulate).to(parameter.dtype)
+
+        def after_noise(parameter: torch.nn.Parameter, noisy: torch.Tensor) -> torch.Tensor:
+            if filter_fn is None:
+                return noisy
+            return filter_fn(noisy, factor_of(names[id(parameter)]))
+
+        return ShapedNoiseDPOptimizer(
             optimizer,
+            noise_for=noise_for,
+            after_noise=after_noise,
             noise_multiplier=client.noise_multiplier,
             max_grad_norm=self.clip_norm,
             expected_batch_size=batch_size,
             loss_reduction="mean",
             generator=client.noise_generator,
         )
+
+    @staticmethod
+    def noise(
+        key: str,
+        shape: torch.Size,
+        peers: Mapping[str, torch.Tensor],
+        std: float,
+        generator: torch.Generator | None,
+        regulate: bool,
+    ) -> torch.Tensor:
+        """Gaussian noise for one released tensor: isotropic N(0, std^2), or for a LoRA factor under DEeR's
+        regulator shaped by its peer factor (covariance never below std^2 I, so the accounting holds)."""
+        factor = factor_of(key)
+        peer = peer_name(key)
+        if regulate and factor in (LORA_A, LORA_B) and peer in peers:
+            return regulated_noise(factor, peers[peer].detach(), shape, std, generator)
+        reference = peers[key] if key in peers else None
+        device = reference.device if reference is not None else None
+        return torch.normal(0.0, std, size=tuple(shape), generator=generator, device=device)
+
+    # --- client unit: the whole round update is the released object ----------------------
+    def sample_participants(self, names: list[str]) -> list[str]:
+        """Client unit: each client takes part independently with the client rate, drawn from secret randomness
+        (amplification by client sampling assumes nobody outside can tell who took part)."""
+        if self.client_rate >= 1.0:
+            return list(names)
+        draws = torch.rand(len(names), generator=self._participation_generator)
+        return [name for name, draw in zip(names, draws.tolist(), strict=True) if draw < self.client_rate]
+
+    def release(
+        self,
+        name: str,
+        start: Mapping[str, torch.Tensor],
+        trained: Mapping[str, torch.Tensor],
+        peers: Mapping[str, torch.Tensor],
+        regulate: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Client unit: clip the client's whole update (every tensor it sends, together) to C, add noise, and
+        return what may leave the client. `peers` are public values (the global state) that shape the noise."""
+        client = self.clients[name]
+        update = {key: trained[key].float() - start[key].float() for key in trained}
+        norm = torch.sqrt(sum((u**2).sum() for u in update.values()))
+        scale = min(1.0, self.clip_norm / (float(norm) + 1e-12))
+        std = client.noise_multiplier * math.sqrt(client.releases_per_step) * self.clip_norm
+        released = {}
+        for key, change in update.items():
+            noise = self.noise(key, change.shape, peers, std, client.noise_generator, regulate)
+            released[key] = (start[key].float() + change * scale + noise.float()).to(trained[key].dtype)
+        return released
+
+    def record_round(self, names: list[str]) -> None:
+        """Client unit: every client's accountant takes one step per round, whether or not it was sampled."""
+        for name in names:
+            self.record_step(name)
 
     def sample_batch(self, name: str) -> list[int]:
         """Poisson sampling from the client's secret stream: each example joins independently with rate q."""
@@ -277,13 +382,14 @@ class FederatedPrivacy:
                 "noise_multiplier": c.noise_multiplier,
                 "sample_rate": c.sample_rate,
                 "steps": c.steps_taken,
+                **({"releases_per_round": c.releases_per_step} if self.unit == "client" else {}),
                 "history": [list(entry) for entry in c.history],
             }
             for name, c in self._reported_clients().items()
         }
         return {
             "private": True,
-            "unit": UNIT,
+            "unit": self.unit,
             "epsilon": max((c["epsilon"] for c in clients.values()), default=0.0),
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,

@@ -1,0 +1,43 @@
+"""Opacus's DP optimizer with the two places the methods differ: how the noise is drawn, and what is done
+to the gradient after the noise.
+
+Clipping, summing and dividing by the expected batch size stay Opacus's. A noise function may only
+return noise whose covariance is at least the nominal (sigma * C)^2 I (DEeR's regulator keeps that);
+anything after the noise is post-processing and costs no privacy (LA-LoRA's low-pass filter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+NoiseFunction = Callable[[torch.nn.Parameter, float, torch.Generator | None], torch.Tensor]
+AfterNoise = Callable[[torch.nn.Parameter, torch.Tensor], torch.Tensor]
+
+
+class ShapedNoiseDPOptimizer(DPOptimizer):
+    """`DPOptimizer` whose noise per parameter comes from `noise_for` and whose noisy gradient goes through
+    `after_noise`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_for: NoiseFunction, after_noise: AfterNoise, **kw):
+        super().__init__(optimizer, **kw)
+        self.noise_for = noise_for
+        self.after_noise = after_noise
+        # Opacus prepares only the parameters trainable when it is built; methods that alternate factors
+        # within a client's round make others trainable later.
+        for group in self.original_optimizer.param_groups:
+            for parameter in group["params"]:
+                if not hasattr(parameter, "summed_grad"):
+                    parameter.summed_grad = None
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for parameter in self.params:
+            _check_processed_flag(parameter.summed_grad)
+            noise = self.noise_for(parameter, std, self.generator)
+            noisy = (parameter.summed_grad + noise).view_as(parameter)
+            parameter.grad = self.after_noise(parameter, noisy)
+            _mark_as_processed(parameter.summed_grad)
