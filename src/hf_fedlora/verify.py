@@ -478,7 +478,7 @@ def _state_guarantee(report: VerificationReport, record: Mapping[str, Any], priv
         *per_client,
         "The released adapter weights and every update a client sent to the server.",
     ]
-    published = ["the per-client example counts (also implied by the sample rates)"]
+    published = ["the per-client example counts (treated as public, as in standard DP-SGD: they set q and σ)"]
     if record.get("client_label_histograms"):
         published.append("the per-client label histograms")
     if any("train_loss" in entry for entry in record.get("round_history") or [] if isinstance(entry, Mapping)):
@@ -495,6 +495,30 @@ def _state_guarantee(report: VerificationReport, record: Mapping[str, Any], priv
             "The DP randomness (batch sampling and noise) came from a user seed: the guarantee holds only while "
             "that seed stays secret.",
         )
+    _state_continuation(report, record.get("continued_from"))
+
+
+def _state_continuation(report: VerificationReport, continued: Any) -> None:
+    """An adapter trained further from an earlier run: either that run's spend is composed in, or it is not."""
+    if not isinstance(continued, Mapping):
+        return
+    if not continued.get("new_privacy_budget"):
+        earlier = continued.get("epsilon")
+        earlier = f" (that run's ε was {format_epsilon(earlier)})" if _is_number(earlier) else ""
+        report.covers.append(
+            f"This adapter continued an earlier run: its recorded history is composed into each client's history, "
+            f"so ε includes what that run spent{earlier}."
+        )
+        return
+    earlier = "an earlier run" if continued.get("recorded") else "an earlier, unrecorded training"
+    if continued.get("recorded") and continued.get("private") is False:
+        earlier = "an earlier run without differential privacy"
+    report.not_covered.insert(
+        0,
+        f"This adapter continued {earlier} with a new privacy budget: what that training spent is NOT in ε. The "
+        "guarantee holds only if this run's data are disjoint from the data it was trained on before, and says "
+        "nothing about those earlier data.",
+    )
 
 
 # ----------------------------------------------------------------------------------------
