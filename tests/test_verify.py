@@ -204,13 +204,24 @@ def test_unknown_unit_in_the_record_fails(dp_adapter, tmp_path):
     assert "not understood" in report.guarantee
 
 
-def test_seeded_record_says_the_guarantee_needs_the_seed_secret(dp_adapter, tmp_path):
-    folder = copy_of(dp_adapter, tmp_path)
-    edit_record(folder, lambda r: r["privacy"].update(seeded=True))
-    report = verify_adapter(folder)
-    assert report.ok
+def test_seeded_run_verifies_and_says_the_guarantee_needs_the_seed_secret(tmp_path):
+    trainer = FederatedTrainer(
+        tiny_peft(FFALoraConfig),
+        fed_args(tmp_path / "run", dp_target_epsilon=3.0, dp_secret_seed=1234),
+        train_dataset=toy_dataset(64),
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "seeded"))
+    report = verify_adapter(tmp_path / "seeded")
+    assert report.ok, report.problems
     assert "holds only while that seed stays secret" in format_report(report)
-    assert "seed" not in format_report(verify_adapter(dp_adapter))
+
+
+def test_seeded_record_whose_card_does_not_warn_fails(dp_adapter, tmp_path):
+    folder = copy_of(dp_adapter, tmp_path)
+    assert "seed stays secret" not in format_report(verify_adapter(folder))
+    edit_record(folder, lambda r: r["privacy"].update(seeded=True))
+    assert problem_names(folder) == {"card-seeded-mismatch"}
 
 
 def test_continued_adapter_verifies_with_the_earlier_runs_history_composed_in(dp_adapter, tmp_path):

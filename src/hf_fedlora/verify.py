@@ -46,6 +46,7 @@ _HEADLINE = re.compile(
 _UNIT_LINE = re.compile(r"\(unit: one (?P<unit>example|client)\)")
 _CARD_UNITS = {"training example": "example", "client": "client", "example": "example"}
 _NO_GUARANTEE = "no differential-privacy guarantee"
+_SEEDED = "the guarantee holds only while that seed stays secret"  # the card's warning for a seeded run
 _GROUP_PRIVACY = {
     "example": "Group privacy: a person who contributed k examples is protected only as a group; for k examples "
     "the bound weakens to k·ε (and a larger δ).",
@@ -220,6 +221,7 @@ def _read_card(text: str) -> dict[str, Any]:
         "dp_tag": "differential-privacy" in tags,
         "claims_dp": bool(headlines or units or "differential-privacy" in tags),
         "says_no_guarantee": _NO_GUARANTEE in text.lower(),
+        "says_seeded": _SEEDED in text,
         "clients": _client_table(text),
     }
 
@@ -375,6 +377,16 @@ def _verify_card_against_private_record(
         )
     if card["epsilons"] and not card["units"]:
         problems.append(Problem("card-unit-mismatch", f"the card names no unit; the record's is {unit}"))
+    if report.record_claim["seeded"] != card["says_seeded"]:
+        problems.append(
+            Problem(
+                "card-seeded-mismatch",
+                "the record says the DP randomness came from a secret seed but the card does not warn that the "
+                "guarantee holds only while that seed stays secret"
+                if report.record_claim["seeded"]
+                else "the card says the DP randomness came from a secret seed; the record says it did not",
+            )
+        )
 
     table = card["clients"]
     if not table:
@@ -492,8 +504,7 @@ def _state_guarantee(report: VerificationReport, record: Mapping[str, Any], priv
     if report.record_claim.get("seeded"):
         report.not_covered.insert(
             0,
-            "The DP randomness (batch sampling and noise) came from a user seed: the guarantee holds only while "
-            "that seed stays secret.",
+            f"The DP randomness (batch sampling and noise) came from a user's secret seed: {_SEEDED}.",
         )
     _state_continuation(report, record.get("continued_from"))
 
