@@ -191,18 +191,71 @@ def run_demo(argv: list[str]) -> dict:
     return {"report": report, "final": final, "seconds": elapsed}
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_verify(argv: list[str]) -> int:
+    """`hf-fedlora verify PATH_OR_REPO_ID`: prints the report; returns 0 (checks pass), 1 (mismatch), 2 (unreadable)."""
+    from .verify import (
+        DEFAULT_RELATIVE_TOLERANCE,
+        DEFAULT_TOLERANCE,
+        format_report,
+        format_report_json,
+        verify_adapter,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="hf-fedlora verify",
+        description="Re-derive an adapter's privacy claim from federated_training.json with an independent "
+        "accountant (dp_accounting PLD) and check the model card against the record. Exit code 0: every check "
+        "passed; 1: a mismatch; 2: the files could not be read.",
+    )
+    parser.add_argument("path_or_repo_id", help="A local adapter folder or a Hub repo id.")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="Absolute amount a claimed epsilon may be below the independent one (default %(default)s).",
+    )
+    parser.add_argument(
+        "--relative-tolerance",
+        type=float,
+        default=DEFAULT_RELATIVE_TOLERANCE,
+        help="Relative amount (fraction of the independent epsilon); the larger of the two applies "
+        "(default %(default)s).",
+    )
+    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a repo id.")
+    parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    args = parser.parse_args(argv)
+    try:
+        report = verify_adapter(
+            args.path_or_repo_id,
+            tolerance=args.tolerance,
+            relative_tolerance=args.relative_tolerance,
+            revision=args.revision,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    print(format_report_json(report) if args.json else format_report(report))
+    return report.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="hf-fedlora", description=__doc__)
-    parser.add_argument("command", choices=["demo"], help="demo: the offline federated FFA-LoRA run")
+    parser.add_argument(
+        "command",
+        choices=["demo", "verify"],
+        help="demo: the offline federated FFA-LoRA run; verify: check an adapter's privacy claim",
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
-        return
+        return 0
     command, rest = argv[0], argv[1:]
     parser.parse_args([command])
+    if command == "verify":
+        return run_verify(rest)
     if command == "demo":
         run_demo(rest)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""`hf-fedlora verify`: an adapter's privacy claim re-derived by an accountant independent of the trainer's.
+
+It passes on what the trainer saves, fails (exit 1, naming the problem) when the card or the record was
+edited to claim less privacy spent than the history shows, says plainly when there is no guarantee, and
+cannot be fooled into a pass by files it cannot read (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+from opacus.accountants import PRVAccountant, RDPAccountant
+from peft import PeftModel
+from scipy.optimize import brentq
+from scipy.stats import norm
+from tiny import fed_args, tiny_bert, tiny_peft, toy_dataset
+
+from hf_fedlora import FederatedTrainer, FFALoraConfig
+from hf_fedlora.cli import main
+from hf_fedlora.hub import CARD_NAME, FEDERATED_RECORD_NAME, format_epsilon
+from hf_fedlora.verify import (
+    DEFAULT_RELATIVE_TOLERANCE,
+    DEFAULT_TOLERANCE,
+    allowed_shortfall,
+    format_report,
+    independent_epsilon,
+    verify_adapter,
+)
+
+
+@pytest.fixture(scope="module")
+def dp_adapter(tmp_path_factory) -> Path:
+    """A short DP run (RDP accountant, target epsilon 3), saved as any user would save it."""
+    root = tmp_path_factory.mktemp("dp")
+    trainer = FederatedTrainer(
+        tiny_peft(FFALoraConfig), fed_args(root / "run", dp_target_epsilon=3.0), train_dataset=toy_dataset(64)
+    )
+    trainer.train()
+    trainer.save_model(str(root / "adapter"))
+    return root / "adapter"
+
+
+@pytest.fixture(scope="module")
+def non_private_adapter(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("plain")
+    trainer = FederatedTrainer(tiny_peft(FFALoraConfig), fed_args(root / "run"), train_dataset=toy_dataset(64))
+    trainer.train()
+    trainer.save_model(str(root / "adapter"))
+    return root / "adapter"
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "adapter"))
+
+
+def edit_record(folder: Path, change) -> dict:
+    path = folder / FEDERATED_RECORD_NAME
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+    return record
+
+
+def edit_card(folder: Path, old: str, new: str) -> None:
+    path = folder / CARD_NAME
+    text = path.read_text(encoding="utf-8")
+    assert old in text, old
+    path.write_text(text.replace(old, new), encoding="utf-8")
+
+
+def verify_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(["verify", *map(str, args)])
+    return code, capsys.readouterr().out
+
+
+def problem_names(folder: Path | str, **kwargs) -> set[str]:
+    return {problem.name for problem in verify_adapter(folder, **kwargs).problems}
+
+
+# ----------------------------------------------------------------------------------------
+# A saved DP adapter passes, and the output says what the guarantee covers
+# ----------------------------------------------------------------------------------------
+def test_verify_passes_on_a_saved_dp_adapter_and_states_the_guarantee(dp_adapter, capsys):
+    code, out = verify_cli(capsys, dp_adapter)
+    assert code == 0, out
+    assert "RESULT: OK" in out
+    record = json.loads((dp_adapter / FEDERATED_RECORD_NAME).read_text())["privacy"]
+    assert f"(ε = {format_epsilon(record['epsilon'])}, δ = 1e-05)" in out
+    assert "dp_accounting" in out and "PLD" in out
+    assert f"max({DEFAULT_TOLERANCE:g}, {DEFAULT_RELATIVE_TOLERANCE:.0%} of it)" in out  # the tolerance is stated
+    assert "unit: one example" in out
+    covered, _, not_covered = out.partition("What it does not cover:")
+    for name in record["clients"]:
+        assert name in covered
+    for item in ("Evaluation data", "without noise", "Group privacy", "base model"):
+        assert item in not_covered
+
+    report = verify_adapter(dp_adapter)
+    assert report.ok and report.exit_code == 0 and report.private
+    assert set(report.independent) == set(record["clients"])
+    for name, client in record["clients"].items():
+        # The trainer's own (RDP) epsilon is an upper bound: never below the independent PLD value.
+        assert 0 < report.independent[name] <= client["epsilon"] + allowed_shortfall(report.independent[name])
+
+
+def test_json_report_is_machine_readable(dp_adapter, capsys):
+    code, out = verify_cli(capsys, dp_adapter, "--json")
+    data = json.loads(out)
+    assert code == 0 and data["ok"] is True and data["exit_code"] == 0
+    assert data["problems"] == []
+    assert data["record_claim"]["unit"] == "example"
+    assert set(data["independent"]) == set(data["record_claim"]["clients"])
+    assert data["tolerance"] == DEFAULT_TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------
+# Edits that claim less privacy spent than the history shows fail, naming the problem
+# ----------------------------------------------------------------------------------------
+def test_card_epsilon_edited_smaller_fails(dp_adapter, tmp_path, capsys):
+    folder = copy_of(dp_adapter, tmp_path)
+    record = json.loads((folder / FEDERATED_RECORD_NAME).read_text())["privacy"]
+    printed = format_epsilon(record["epsilon"])
+    edit_card(folder, f"(ε = {printed}, δ", "(ε = 1.00, δ")
+    code, out = verify_cli(capsys, folder)
+    assert code == 1
+    assert "[card-epsilon-mismatch]" in out and "[card-epsilon-below-independent]" in out
+
+
+def test_card_client_epsilon_edited_smaller_fails(dp_adapter, tmp_path):
+    folder = copy_of(dp_adapter, tmp_path)
+    client = json.loads((folder / FEDERATED_RECORD_NAME).read_text())["privacy"]["clients"]["client_0"]
+    edit_card(folder, f"| {client['steps']} | {format_epsilon(client['epsilon'])} |", f"| {client['steps']} | 0.50 |")
+    assert {"card-epsilon-mismatch", "card-epsilon-below-independent"} <= problem_names(folder)
+
+
+def test_record_epsilon_edited_smaller_fails(dp_adapter, tmp_path, capsys):
+    folder = copy_of(dp_adapter, tmp_path)
+
+    def smaller(record):
+        privacy = record["privacy"]
+        privacy["epsilon"] = 1.0
+        for client in privacy["clients"].values():
+            client["epsilon"] = 1.0
+
+    edit_record(folder, smaller)
+    code, out = verify_cli(capsys, folder)
+    assert code == 1
+    assert "[record-epsilon-below-independent]" in out
+    assert "[card-epsilon-mismatch]" in out  # the card no longer prints the record's number either
+
+
+def test_record_epsilon_that_is_not_the_largest_client_epsilon_fails(dp_adapter, tmp_path):
+    folder = copy_of(dp_adapter, tmp_path)
+    edit_record(folder, lambda r: r["privacy"].update(epsilon=r["privacy"]["epsilon"] / 2))
+    assert {"record-epsilon-not-max", "record-epsilon-below-independent"} <= problem_names(folder)
+
+
+def test_client_history_edited_smaller_fails(dp_adapter, tmp_path):
+    folder = copy_of(dp_adapter, tmp_path)
+
+    def fewer_steps(record):
+        history = record["privacy"]["clients"]["client_0"]["history"]
+        history[0][2] = history[0][2] - 1
+
+    edit_record(folder, fewer_steps)
+    assert "record-steps-mismatch" in problem_names(folder)
+
+
+def test_history_that_spends_more_than_the_claim_fails(dp_adapter, tmp_path):
+    """A consistent record whose history implies a larger epsilon than it claims: only the re-derivation sees it."""
+    folder = copy_of(dp_adapter, tmp_path)
+
+    def more_steps(record):
+        client = record["privacy"]["clients"]["client_0"]
+        client["history"][0][2] *= 4
+        client["steps"] = sum(entry[2] for entry in client["history"])
+
+    edit_record(folder, more_steps)
+    names = problem_names(folder)
+    assert {"record-epsilon-below-independent", "card-epsilon-below-independent"} <= names
+    assert "record-steps-mismatch" not in names
+
+
+def test_card_unit_differing_from_the_record_fails(dp_adapter, tmp_path, capsys):
+    folder = copy_of(dp_adapter, tmp_path)
+    edit_card(folder, "for every training example", "for every client")
+    edit_card(folder, "(unit: one example)", "(unit: one client)")
+    code, out = verify_cli(capsys, folder)
+    assert code == 1 and "[card-unit-mismatch]" in out
+    assert problem_names(folder) == {"card-unit-mismatch"}
+
+
+def test_unknown_unit_in_the_record_fails(dp_adapter, tmp_path):
+    folder = copy_of(dp_adapter, tmp_path)
+    edit_record(folder, lambda r: r["privacy"].update(unit="user"))
+    report = verify_adapter(folder)
+    assert report.exit_code == 1
+    assert {"record-unknown-unit", "card-unit-mismatch"} <= {p.name for p in report.problems}
+    assert "not understood" in report.guarantee
+
+
+def test_seeded_run_verifies_and_says_the_guarantee_needs_the_seed_secret(tmp_path):
+    trainer = FederatedTrainer(
+        tiny_peft(FFALoraConfig),
+        fed_args(tmp_path / "run", dp_target_epsilon=3.0, dp_secret_seed=1234),
+        train_dataset=toy_dataset(64),
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "seeded"))
+    report = verify_adapter(tmp_path / "seeded")
+    assert report.ok, report.problems
+    assert "holds only while that seed stays secret" in format_report(report)
+
+
+def test_seeded_record_whose_card_does_not_warn_fails(dp_adapter, tmp_path):
+    folder = copy_of(dp_adapter, tmp_path)
+    assert "seed stays secret" not in format_report(verify_adapter(folder))
+    edit_record(folder, lambda r: r["privacy"].update(seeded=True))
+    assert problem_names(folder) == {"card-seeded-mismatch"}
+
+
+def test_continued_adapter_verifies_with_the_earlier_runs_history_composed_in(dp_adapter, tmp_path):
+    """Training a saved DP adapter further composes its recorded history; verify re-derives the composed epsilon."""
+    config = FFALoraConfig.from_pretrained(str(dp_adapter))
+    model = PeftModel.from_pretrained(tiny_bert(), str(dp_adapter), config=config, is_trainable=True)
+    trainer = FederatedTrainer(
+        model, fed_args(tmp_path / "run", dp_target_epsilon=5.0, num_rounds=1), train_dataset=toy_dataset(64)
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "continued"))
+
+    report = verify_adapter(tmp_path / "continued")
+    assert report.ok, report.problems
+    clients = json.loads((tmp_path / "continued" / FEDERATED_RECORD_NAME).read_text())["privacy"]["clients"]
+    history = clients["client_0"]["history"]
+    assert len(history) == 2  # the earlier run's entry, then this run's
+    assert report.independent["client_0"] == pytest.approx(independent_epsilon(history, 1e-5))
+    assert report.independent["client_0"] > independent_epsilon(history[1:], 1e-5)  # the earlier spend counts
+    assert any("continued an earlier run" in line for line in report.covers)
+
+
+def test_a_new_privacy_budget_on_a_continued_adapter_is_stated_as_not_covered(dp_adapter, tmp_path):
+    folder = copy_of(dp_adapter, tmp_path)
+    edit_record(folder, lambda r: r.update(continued_from={"recorded": False, "new_privacy_budget": True}))
+    report = verify_adapter(folder)
+    assert report.ok
+    assert "what that training spent is NOT in ε" in report.not_covered[0]
+
+
+# ----------------------------------------------------------------------------------------
+# No guarantee, unreadable files
+# ----------------------------------------------------------------------------------------
+def test_non_private_adapter_reports_no_guarantee(non_private_adapter, capsys):
+    code, out = verify_cli(capsys, non_private_adapter)
+    assert code == 0, out
+    assert "no differential-privacy guarantee" in out
+    assert "independent ε" not in out
+
+
+def test_non_private_record_whose_card_claims_dp_fails(non_private_adapter, dp_adapter, tmp_path, capsys):
+    folder = copy_of(non_private_adapter, tmp_path)
+    shutil.copy(dp_adapter / CARD_NAME, folder / CARD_NAME)
+    code, out = verify_cli(capsys, folder)
+    assert code == 1 and "[card-claims-dp-without-guarantee]" in out
+
+
+def test_folder_without_a_record_or_card_cannot_be_verified(dp_adapter, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out = verify_cli(capsys, empty)
+    assert code == 2 and "CANNOT VERIFY" in out and FEDERATED_RECORD_NAME in out
+
+    folder = copy_of(dp_adapter, tmp_path)
+    (folder / CARD_NAME).unlink()
+    code, out = verify_cli(capsys, folder)
+    assert code == 2 and CARD_NAME in out
+
+
+def test_a_negative_tolerance_is_refused():
+    with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+        verify_adapter(".", tolerance=-0.1)
+
+
+# ----------------------------------------------------------------------------------------
+# A Hub repo id, from the local cache, offline
+# ----------------------------------------------------------------------------------------
+def test_verify_a_hub_repo_id_from_the_offline_cache(dp_adapter, tmp_path, capsys, monkeypatch):
+    assert constants.HF_HUB_OFFLINE  # nothing may be fetched: the cache must answer
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--dp-adapter"
+    good, tampered = "0123456789abcdef0123456789abcdef01234567", "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(good)
+    (repo / "refs" / "tampered").write_text(tampered)
+    for commit in (good, tampered):
+        shutil.copytree(dp_adapter, repo / "snapshots" / commit)
+    epsilon = json.loads((dp_adapter / FEDERATED_RECORD_NAME).read_text())["privacy"]["epsilon"]
+    edit_card(repo / "snapshots" / tampered, f"(ε = {format_epsilon(epsilon)}, δ", "(ε = 0.10, δ")
+
+    assert verify_adapter("org/dp-adapter", cache_dir=cache).ok
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # the CLI reads the default cache
+    code, out = verify_cli(capsys, "org/dp-adapter")
+    assert code == 0, out
+    code, out = verify_cli(capsys, "org/dp-adapter", "--revision", "tampered")
+    assert code == 1 and "[card-epsilon-below-independent]" in out
+    code, out = verify_cli(capsys, "org/not-cached")
+    assert code == 2
+
+
+# ----------------------------------------------------------------------------------------
+# The independent accountant
+# ----------------------------------------------------------------------------------------
+def test_independent_epsilon_agrees_with_opacus_prv_within_the_tolerance(dp_adapter):
+    """Two accountants, two code bases, one history: PLD and Opacus's PRV agree; Opacus's RDP is never below."""
+    record = json.loads((dp_adapter / FEDERATED_RECORD_NAME).read_text())["privacy"]
+    histories = [(client["history"], record["delta"]) for client in record["clients"].values()]
+    histories += [
+        ([[0.9, 0.08, 4], [1.1, 0.08, 4]], 1e-3),  # a history composed from two phases
+        ([[0.8123, 16 / 455, 58]], 1e-5),
+    ]
+    for history, delta in histories:
+        pld = independent_epsilon(history, delta)
+        prv, rdp = PRVAccountant(), RDPAccountant()
+        prv.history = rdp.history = [tuple(entry) for entry in history]
+        slack = allowed_shortfall(pld)
+        assert abs(prv.get_epsilon(delta=delta) - pld) <= slack, history
+        assert rdp.get_epsilon(delta=delta) >= pld - slack, history
+
+
+def test_independent_epsilon_of_a_full_batch_gaussian_matches_the_analytic_gaussian_mechanism():
+    """q = 1: n Gaussian steps at noise sigma are one Gaussian at sigma/sqrt(n); its exact epsilon (Balle & Wang
+    2018, Theorem 8) solves delta = Phi(1/(2s) - eps*s) - e^eps * Phi(-1/(2s) - eps*s)."""
+    sigma, steps, delta = 4.0, 9, 1e-5
+    s = sigma / math.sqrt(steps)
+
+    def delta_at(eps):
+        return norm.cdf(1 / (2 * s) - eps * s) - math.exp(eps) * norm.cdf(-1 / (2 * s) - eps * s) - delta
+
+    exact = brentq(delta_at, 1e-6, 50)
+    assert independent_epsilon([[sigma, 1.0, steps]], delta) == pytest.approx(exact, abs=1e-3)
+    assert independent_epsilon([[0.0, 0.1, 3]], delta) == math.inf  # no noise: no guarantee
+    assert independent_epsilon([], delta) == 0.0
