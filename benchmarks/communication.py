@@ -57,8 +57,8 @@ class RecordingTrainer(FederatedTrainer):
         super().__init__(*args, **kwargs)
         self.upload_sizes: list[dict] = []  # one entry per (round, sub-round, client) upload
 
-    def _client_update(self, name, round_index, sub_round, steps):
-        upload, losses = super()._client_update(name, round_index, sub_round, steps)
+    def local_round(self, name, round_index, sub_round, steps):
+        upload, losses = super().local_round(name, round_index, sub_round, steps)
         if upload is not None:
             lora, head = split_nbytes(upload)
             self.upload_sizes.append(

@@ -37,8 +37,8 @@ class RecordingTrainer(FederatedTrainer):
 
         self.method.aggregate = recording_aggregate
 
-    def _client_update(self, name, round_index, sub_round, steps):
-        upload, losses = super()._client_update(name, round_index, sub_round, steps)
+    def local_round(self, name, round_index, sub_round, steps):
+        upload, losses = super().local_round(name, round_index, sub_round, steps)
         self.client_records.append(
             {"client": name, "round": round_index, "sub_round": sub_round, "upload": upload, "adapter": adapter(self)}
         )

@@ -27,8 +27,8 @@ class RecordingTrainer(FederatedTrainer):
         super().__init__(*args, **kwargs)
         self.records: list[dict] = []
 
-    def _client_update(self, name, round_index, sub_round, steps):
-        upload, losses = super()._client_update(name, round_index, sub_round, steps)
+    def local_round(self, name, round_index, sub_round, steps):
+        upload, losses = super().local_round(name, round_index, sub_round, steps)
         # The model holds this client's locally trained adapter at this moment.
         self.records.append(
             {

@@ -119,12 +119,12 @@ def test_noise_is_added_with_std_sigma_times_clip_over_expected_batch(tmp_path):
     sampler = trainer.privacy.clients["client_0"].sampling_generator
     same_batch = sampler.get_state()
 
-    noisy, _ = trainer._client_update("client_0", 0, 0, 1)
+    noisy, _ = trainer.local_round("client_0", 0, 0, 1)
     sampler.set_state(same_batch)
-    noisy_again, _ = trainer._client_update("client_0", 0, 0, 1)
+    noisy_again, _ = trainer.local_round("client_0", 0, 0, 1)
     sampler.set_state(same_batch)
     trainer.privacy.clients["client_0"].noise_multiplier = 0.0  # the same DP optimizer, clipping only
-    clean, _ = trainer._client_update("client_0", 0, 0, 1)
+    clean, _ = trainer.local_round("client_0", 0, 0, 1)
 
     assert batch_sizes[0] == batch_sizes[1] == batch_sizes[2] > 0
     # Precondition: the Poisson batch is far from its expectation, so dividing by it would be caught.

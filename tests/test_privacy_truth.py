@@ -183,7 +183,7 @@ def test_token_task_per_example_gradients_are_each_examples_own(tmp_path, task):
 # ----------------------------------------------------------------------------------------
 def test_private_run_publishes_no_unprotected_statistics_by_default(tmp_path):
     trainer, _ = dp_run(tmp_path, logging_strategy="steps", logging_steps=1)
-    uploads_losses = trainer._client_update("client_0", 0, 0, 1)[1]
+    uploads_losses = trainer.local_round("client_0", 0, 0, 1)[1]
     trainer.save_model()
     record = json.loads((tmp_path / FEDERATED_RECORD_NAME).read_text())
     card = (tmp_path / CARD_NAME).read_text()

@@ -229,20 +229,34 @@ class FederatedTrainer(Trainer):
             uploads, weights = [], []
             bar = tqdm(participants, desc=f"round {round_index + 1}", leave=False, disable=self.args.disable_tqdm)
             for name in bar:
-                upload, client_losses = self._client_update(name, round_index, sub_round, local_steps[name])
+                upload, client_losses = self.local_round(name, round_index, sub_round, local_steps[name])
                 losses.extend(client_losses)
                 if upload is not None:
                     uploads.append(upload)
                     weights.append(self._aggregation_weight(name))
             if uploads:
-                self._global_state.update(self.method.aggregate(uploads, weights))
+                self.apply_uploads(uploads, weights)
         load_into(self._adapter, self._global_state)
         return losses
 
-    def _client_update(
+    def apply_uploads(self, uploads: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> None:
+        """The server's step: combine the clients' uploads as the method says and merge the result into the
+        global adapter (an upload may hold part of it, e.g. FFA-LoRA's B). Public, so any driver can call it."""
+        self._global_state.update(self.method.aggregate(uploads, weights))
+
+    def local_round(
         self, name: str, round_index: int, sub_round: int, steps: int
     ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
-        """One client's local work from the global adapter; returns its upload (None if it ran no step)."""
+        """One client's local work from the global adapter: train, clip, noise, account, and return what it
+        releases (None if it ran no step) and its losses (empty under DP unless published on request).
+
+        Public so that other drivers (e.g. Flower) run the very same client round. Dropout draws from a stream
+        derived from the seed, the client and the (sub-)round, so every driver reproduces it.
+        """
+        index = list(self.client_datasets).index(name)
+        torch.manual_seed(
+            int(np.random.SeedSequence([self.args.seed, index, round_index, sub_round]).generate_state(1)[0])
+        )
         load_into(self._adapter, self._global_state)
         self.model.train()
         per_example = self._per_example_dp
@@ -654,7 +668,9 @@ def _check_data(
     if isinstance(eval_dataset, Dataset):
         datasets["eval_dataset"] = eval_dataset
     for where, data in datasets.items():
-        if input_name and input_name not in data.column_names and "inputs_embeds" not in data.column_names:
+        transformed = data.format.get("type") == "custom"  # e.g. images turned into pixel_values on access
+        missing = input_name and input_name not in data.column_names and "inputs_embeds" not in data.column_names
+        if missing and not transformed:
             raise ValueError(
                 f"{where} has no {input_name!r} column, which the model takes as input (columns: "
                 f"{data.column_names}). Preprocess it first, e.g. dataset.map(tokenizer or image processor)."
