@@ -65,11 +65,14 @@ METHODS = {
     "deer": (
         "DEeR",
         "Each round is two sub-rounds, first B (A frozen) then A (B frozen); only the trained factor is uploaded "
-        "and averaged (under DP, the noise on it is shaped by the frozen factor).",
+        "and averaged (under DP, with the noise regulator on, the noise on it is shaped by the frozen factor and "
+        "scaled by that factor's largest singular value, so it is never below the nominal DP-SGD noise).",
     ),
     "la_lora": (
         "LA-LoRA",
-        "A and B train alternately at every local step, B first; both are uploaded and averaged separately.",
+        "A and B train alternately at every local step, B first; both are uploaded and averaged separately. "
+        "Under DP the noisy gradient of the trained factor is smoothed along its feature axis by a fixed low-pass "
+        "filter (post-processing: it costs no privacy).",
     ),
 }
 # Transformers' speed metrics: not results, and not worth a column.
@@ -88,6 +91,25 @@ _CITATIONS = {
                Wang, Shean and Wang, Lu and Chen, Weizhu},
   booktitle = {The Tenth International Conference on Learning Representations (ICLR)},
   year      = {2022}
+}""",
+    "deer": """@article{zhu2024deer,
+  title   = {{DEeR}: Deviation Eliminating and Noise Regulating for Privacy-preserving Federated Low-rank Adaptation},
+  author  = {Zhu, Meilu and Mao, Axiu and Liu, Jun and Yuan, Yixuan},
+  journal = {arXiv preprint arXiv:2410.12926},
+  year    = {2024}
+}""",
+    "rolora": """@article{chen2024rolora,
+  title   = {Robust Federated Finetuning of Foundation Models via Alternating Minimization of {LoRA}},
+  author  = {Chen, Shuangyi and Ju, Yue and Dalal, Hardik and Zhu, Zhongwen and Khisti, Ashish},
+  journal = {arXiv preprint arXiv:2409.02346},
+  year    = {2024}
+}""",
+    "la_lora": """@inproceedings{liu2026rethinking,
+  title     = {Rethinking {LoRA} for Privacy-Preserving Federated Learning in Large Models},
+  author    = {Liu, Jin and Miao, Yinbin and Xi, Ning and Liu, Junkang},
+  booktitle = {The Fourteenth International Conference on Learning Representations (ICLR)},
+  year      = {2026},
+  note      = {arXiv:2602.19926}
 }""",
     "dp_sgd": """@inproceedings{abadi2016deep,
   title     = {Deep Learning with Differential Privacy},
@@ -245,6 +267,11 @@ def _template_context(
             "display": display,
             "description": description,
             "init_seed": (record.get("method") or {}).get("init_seed"),
+            "settings": ", ".join(
+                f"{key} = {json.dumps(value)}"
+                for key, value in (record.get("method") or {}).items()
+                if key not in ("method", "init_seed")
+            ),
         },
         "base_model_name": base_model,
         "task_type": task_type,
