@@ -9,9 +9,13 @@ server combines it; the privacy engine says how much noise and whether a step ma
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,10 @@ from datasets import Dataset, DatasetDict
 from peft import PeftModel
 from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 from transformers.utils import logging
 
 from .federation.adapter_state import (
@@ -42,6 +47,11 @@ from .privacy.per_example_loss import summed_example_losses
 from .training_args import FederatedTrainingArguments
 
 logger = logging.get_logger(__name__)
+
+# Private files: what resuming needs. Never pushed (pushes list their files) and never in the card.
+RESUME_STATE = "federated_resume_state.json"
+RESUME_WEIGHTS = "federated_resume_adapter.safetensors"
+PRIVACY_LEDGER = "privacy_ledger.json"
 
 
 class FederatedTrainer(Trainer):
@@ -89,6 +99,8 @@ class FederatedTrainer(Trainer):
         self.client_label_histograms = _label_histograms(self.client_datasets, args.label_column)
         self._rounds_done = 0
         self._round_history: list[dict[str, float]] = []
+        self._schedule: dict[int, list[str]] = {}  # participants per round, drawn once (kept by checkpoints)
+        self._failed_clients: dict[int, list[str]] = {}
         # Shuffling for non-private local training only; under DP batches come from the privacy engine's
         # secret sampler, never from this published seed.
         self._shuffle_generators = {
@@ -147,15 +159,23 @@ class FederatedTrainer(Trainer):
     # The run
     # ------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any) -> TrainOutput:
-        """Run rounds until `args.num_rounds` rounds are done; a later call continues the same run."""
+        """Run rounds until `args.num_rounds` rounds are done; a later call continues the same run.
+
+        `resume_from_checkpoint` (True: the last complete checkpoint in output_dir, or a path) continues a run
+        that stopped: the global adapter, the round, each client's spent privacy and secret RNG states, the
+        schedule and the history come back, and steps a crash lost after that checkpoint stay counted.
+        """
         if resume_from_checkpoint:
-            raise NotImplementedError("resume_from_checkpoint is not supported by FederatedTrainer yet")
+            self._resume(resume_from_checkpoint)
         args = self.args
         clients = self._clients_ready_for_training()
         rounds = range(self._rounds_done, args.num_rounds)
         client_unit = self.privacy.enabled and self.privacy.unit == "client"
         participation_state = self._participation_rng.bit_generator.state  # restored if the plan is refused
-        schedule = {r: self._sample_participants(list(clients)) for r in rounds} if not client_unit else {}
+        new_rounds = [r for r in rounds if r not in self._schedule]
+        schedule = dict(self._schedule)
+        if not client_unit:
+            schedule.update({r: self._sample_participants(list(clients)) for r in new_rounds})
         local_steps = {name: self._local_steps(len(data)) for name, data in clients.items()}
         if client_unit:  # a client's step is a round: every client is accounted in every round
             planned_steps = dict.fromkeys(clients, len(rounds))
@@ -178,7 +198,7 @@ class FederatedTrainer(Trainer):
                 self._participation_rng.bit_generator.state = participation_state
                 raise
             if client_unit:  # who takes part must stay secret for the client-sampling amplification
-                schedule = {r: self.privacy.sample_participants(list(clients)) for r in rounds}
+                schedule.update({r: self.privacy.sample_participants(list(clients)) for r in new_rounds})
             logger.info(f"Differential privacy (unit: one {self.privacy.unit}): {self._privacy_summary()}")
             if self.privacy.seeded:
                 logger.warning(
@@ -188,6 +208,7 @@ class FederatedTrainer(Trainer):
         else:
             logger.warning("Non-private run: no differential-privacy guarantee (set dp_target_epsilon for one).")
 
+        self._schedule = schedule
         self.state.max_steps = args.num_rounds
         self.state.global_step = self._rounds_done
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
@@ -206,7 +227,7 @@ class FederatedTrainer(Trainer):
                 if self.eval_dataset is not None and (self._rounds_done % args.eval_every_rounds == 0 or last):
                     self._round_history[-1].update(self.evaluate())
                 if self._checkpoint_due():
-                    self._save(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self._rounds_done}"))
+                    self._save_checkpoint()
                     if args.push_to_hub and str(getattr(args.hub_strategy, "value", args.hub_strategy)) != "end":
                         self.push_to_hub(commit_message=f"Training in progress, round {self._rounds_done}")
                 if self.control.should_training_stop:
@@ -228,16 +249,40 @@ class FederatedTrainer(Trainer):
         for sub_round in range(self.method.num_sub_rounds(round_index)):
             uploads, weights = [], []
             bar = tqdm(participants, desc=f"round {round_index + 1}", leave=False, disable=self.args.disable_tqdm)
+            failed = []
             for name in bar:
-                upload, client_losses = self.local_round(name, round_index, sub_round, local_steps[name])
+                try:
+                    upload, client_losses = self.local_round(name, round_index, sub_round, local_steps[name])
+                except Exception as error:  # one client's failure need not cost the round (its spend stays counted)
+                    if self.args.min_clients_per_round is None:
+                        raise
+                    logger.warning(f"Client {name!r} failed in round {round_index + 1}: {error!r}")
+                    failed.append(name)
+                    continue
                 losses.extend(client_losses)
                 if upload is not None:
                     uploads.append(upload)
                     weights.append(self._aggregation_weight(name))
+            self._check_enough_clients(round_index, participants, failed)
             if uploads:
                 self.apply_uploads(uploads, weights)
         load_into(self._adapter, self._global_state)
         return losses
+
+    def _check_enough_clients(self, round_index: int, participants: list[str], failed: list[str]) -> None:
+        if not failed:
+            return
+        finished = len(participants) - len(failed)
+        self._failed_clients.setdefault(round_index + 1, []).extend(failed)
+        if finished < self.args.min_clients_per_round:
+            raise RuntimeError(
+                f"Round {round_index + 1}: only {finished} of {len(participants)} clients finished (failed: "
+                f"{failed}), fewer than min_clients_per_round={self.args.min_clients_per_round}. The global adapter "
+                f"is the one after round {round_index}; the failed clients' spent privacy is counted."
+            )
+        logger.warning(
+            f"Round {round_index + 1} aggregates the {finished} clients that finished; {failed} failed, left out."
+        )
 
     def apply_uploads(self, uploads: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> None:
         """The server's step: combine the clients' uploads as the method says and merge the result into the
@@ -273,19 +318,22 @@ class FederatedTrainer(Trainer):
         data = self._prepared_clients[name]
         order = None if per_example else torch.randperm(len(data), generator=self._shuffle_generators[name]).tolist()
         losses, steps_run = [], 0
-        for step in range(steps):
-            if per_example and not self.privacy.can_step(name):
-                logger.warning(f"Client {name!r} has spent its privacy budget and stops training.")
-                break
-            self._set_trainable(self.method.trained_factors(round_index, sub_round, step))
-            indices = self.privacy.sample_batch(name) if per_example else _next_batch(order, step, self.args)
-            loss = self._local_step(data, indices, optimizer)
-            if per_example:
-                self.privacy.record_step(name)
-            if loss is not None:
-                losses.append(loss)
-            steps_run += 1
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            for step in range(steps):
+                if per_example and not self.privacy.can_step(name):
+                    logger.warning(f"Client {name!r} has spent its privacy budget and stops training.")
+                    break
+                self._set_trainable(self.method.trained_factors(round_index, sub_round, step))
+                indices = self.privacy.sample_batch(name) if per_example else _next_batch(order, step, self.args)
+                if per_example:  # counted before the step: a step that fails half-way is still spent
+                    self.privacy.record_step(name)
+                loss = self._local_step(data, indices, optimizer)
+                if loss is not None:
+                    losses.append(loss)
+                steps_run += 1
+        finally:
+            optimizer.zero_grad(set_to_none=True)  # no per-example gradients left for the next client
+            self._write_privacy_ledger()
         if self.privacy.enabled and not self.args.publish_unprotected_statistics:
             losses = []  # computed without noise: under DP they stay on the client
         if steps_run == 0:
@@ -294,6 +342,7 @@ class FederatedTrainer(Trainer):
         if self.privacy.enabled and self.privacy.unit == "client":
             start = {key: self._global_state[key] for key in upload}
             upload = self.privacy.release(name, start, upload, self._global_state, self.method.regulates_noise())
+            self._write_privacy_ledger()  # the noise stream moved: on disk before the release leaves
         return upload, losses
 
     @property
@@ -401,6 +450,94 @@ class FederatedTrainer(Trainer):
             }
         return self._prepared_clients
 
+    # ------------------------------------------------------------------------------------
+    # Checkpoints and resuming (private state: never pushed, never in the card)
+    # ------------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        """checkpoint-N, written whole in a hidden folder and renamed into place: a crash never leaves a folder
+        that a later run would take for a checkpoint."""
+        final = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self._rounds_done}")
+        partial = os.path.join(self.args.output_dir, f".partial-{PREFIX_CHECKPOINT_DIR}-{self._rounds_done}")
+        shutil.rmtree(partial, ignore_errors=True)
+        self._save(partial)
+        save_file({k: v.contiguous() for k, v in self._global_state.items()}, os.path.join(partial, RESUME_WEIGHTS))
+        _write_json_atomically(os.path.join(partial, RESUME_STATE), self._resume_state())
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if self.args.save_total_limit:  # keep the newest save_total_limit checkpoints
+            pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+            numbered = sorted(
+                (int(match.group(1)), entry.path)
+                for entry in os.scandir(self.args.output_dir)
+                if entry.is_dir() and (match := pattern.match(entry.name))
+            )
+            for _, old in numbered[: max(0, len(numbered) - self.args.save_total_limit)]:
+                shutil.rmtree(old)
+
+    def _resume_state(self) -> dict[str, Any]:
+        return {
+            "rounds_done": self._rounds_done,
+            "clients": list(self.client_datasets),
+            "round_history": self._round_history,
+            "log_history": self.state.log_history,
+            "schedule": {str(r): names for r, names in self._schedule.items()},
+            "failed_clients": {str(r): names for r, names in self._failed_clients.items()},
+            "participation_rng": self._participation_rng.bit_generator.state,
+            "shuffle_generators": {n: _encode_rng(g) for n, g in self._shuffle_generators.items()},
+            "privacy": self.privacy.state_dict() if self.privacy.enabled else None,
+        }
+
+    def _write_privacy_ledger(self) -> None:
+        """Every client's spent history and secret RNG states, on disk before anything is released, so a crash
+        between checkpoints can over-count privacy but never under-count it or replay a noise stream."""
+        if self.privacy.enabled and self._checkpoints_on:
+            _write_json_atomically(os.path.join(self.args.output_dir, PRIVACY_LEDGER), self.privacy.state_dict())
+
+    @property
+    def _checkpoints_on(self) -> bool:
+        return str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no"
+
+    def _resume(self, checkpoint: str | bool) -> None:
+        path = get_last_checkpoint(self.args.output_dir) if checkpoint is True else str(checkpoint)
+        if path is None or not os.path.isfile(os.path.join(path, RESUME_STATE)):
+            raise ValueError(
+                f"resume_from_checkpoint={checkpoint!r}: no complete checkpoint "
+                f"({PREFIX_CHECKPOINT_DIR}-N with {RESUME_STATE}) found"
+                + ("" if checkpoint is not True else f" in output_dir={self.args.output_dir!r}")
+            )
+        with open(os.path.join(path, RESUME_STATE)) as handle:
+            state = json.load(handle)
+        if state["clients"] != list(self.client_datasets):
+            raise ValueError(
+                f"The checkpoint {path} was made with clients {state['clients']}, this trainer has "
+                f"{list(self.client_datasets)}: resume with the same data and partition"
+            )
+        if (state["privacy"] is not None) != self.privacy.enabled:
+            raise ValueError(f"The checkpoint {path} and these arguments disagree on whether the run is private")
+        self._global_state = {k: v for k, v in load_file(os.path.join(path, RESUME_WEIGHTS)).items()}
+        load_into(self._adapter, self._global_state)
+        self._rounds_done = int(state["rounds_done"])
+        self._round_history = state["round_history"]
+        self.state.log_history = state["log_history"]
+        self._schedule = {int(r): names for r, names in state["schedule"].items()}
+        self._failed_clients = {int(r): names for r, names in state["failed_clients"].items()}
+        self._participation_rng.bit_generator.state = state["participation_rng"]
+        for name, encoded in state["shuffle_generators"].items():
+            self._shuffle_generators[name].set_state(_decode_rng(encoded))
+        if self.privacy.enabled:
+            self.privacy.load_state_dict(state["privacy"], self.args.device)
+            ledger = os.path.join(self.args.output_dir, PRIVACY_LEDGER)
+            if os.path.isfile(ledger):
+                with open(ledger) as handle:
+                    behind = self.privacy.catch_up_with_ledger(json.load(handle), self.args.device)
+                if behind:
+                    logger.warning(
+                        f"Clients {behind} ran steps after {path} before the run stopped: those steps stay counted "
+                        "(their noise for the remaining steps is recalibrated to stay within the target)."
+                    )
+        logger.info(f"Resumed from {path} after round {self._rounds_done}")
+
     def _checkpoint_due(self) -> bool:
         """Trainer's save_strategy, counted in rounds: "epoch" saves every round, "steps" every save_steps rounds."""
         strategy = str(getattr(self.args.save_strategy, "value", self.args.save_strategy))
@@ -469,6 +606,7 @@ class FederatedTrainer(Trainer):
             "client_label_histograms": self.client_label_histograms if self._publishes_unprotected else {},
             "unprotected_statistics_published": self.privacy.enabled and self._publishes_unprotected,
             "continued_from": self.continued_from,
+            "failed_clients": {str(r): names for r, names in self._failed_clients.items()},
             "privacy": self.privacy_report(),
             "round_history": self._round_history,
         }
@@ -752,3 +890,28 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     return str(value)
+
+
+def _write_json_atomically(path: str, value: Any) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(value, stream, default=_json_default)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _encode_rng(generator: torch.Generator) -> str:
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)

@@ -58,6 +58,14 @@ class FederatedTrainingArguments(TrainingArguments):
         default="num_examples",
         metadata={"help": f"Server weights p_k: one of {AGGREGATION_WEIGHTS} (renormalised over participants)."},
     )
+    min_clients_per_round: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tolerate failing clients: a round whose client raises still aggregates the clients that "
+            "finished if at least this many did (the failed clients' spent privacy stays counted), else training "
+            "stops with an error. Default: None, any client failure stops training."
+        },
+    )
     eval_every_rounds: int = field(
         default=1, metadata={"help": "Evaluate the global adapter on eval_dataset every N rounds (and after the last)."}
     )
@@ -192,6 +200,8 @@ class FederatedTrainingArguments(TrainingArguments):
             _require_int(self.clients_per_round, "clients_per_round", minimum=1)
             if self.num_clients is not None and self.clients_per_round > self.num_clients:
                 raise ValueError(f"clients_per_round={self.clients_per_round} exceeds num_clients={self.num_clients}")
+        if self.min_clients_per_round is not None:
+            _require_int(self.min_clients_per_round, "min_clients_per_round", minimum=1)
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("Set local_steps or local_epochs, not both")
         if self.local_steps is not None:

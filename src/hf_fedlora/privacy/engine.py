@@ -14,6 +14,7 @@ the report then says the guarantee holds only while that seed stays secret.
 
 from __future__ import annotations
 
+import base64
 import math
 import secrets
 from collections.abc import Mapping
@@ -105,6 +106,7 @@ class FederatedPrivacy:
             derived_seed(self._secret_root, 0, PARTICIPATION_STREAM)
         )
         self.client_rate = 1.0  # client unit: the Poisson rate at which clients take part in a round
+        self._recalibrate: set[str] = set()  # clients that spent more than planned (a crash): new noise on plan
 
     @property
     def enabled(self) -> bool:
@@ -165,6 +167,10 @@ class FederatedPrivacy:
                 sampling_generator=sampling_generator,
                 releases_per_step=releases_per_round if self.unit == "client" else 1,
             )
+        for name in sorted(self._recalibrate & set(client_sizes)):
+            client = self.clients[name]
+            client.noise_multiplier = self._noise_for(client.sample_rate, planned_steps[name], client.history)
+            self._recalibrate.discard(name)
         self._refuse_overspending_plan(planned_steps)
 
     def _sample_rate(self, num_examples: int, batch_size: int) -> float:
@@ -402,35 +408,79 @@ class FederatedPrivacy:
             "clients": clients,
         }
 
+    # --- saving and restoring (private: checkpoints and the on-disk ledger, never published) ------
     def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: each client's spent history, noise, budget and secret RNG states.
+
+        JSON-safe (RNG states as base64). It holds the secret streams: keep it private, never publish it.
+        """
         return {
-            name: {
-                "num_examples": c.num_examples,
-                "sample_rate": c.sample_rate,
-                "noise_multiplier": c.noise_multiplier,
-                "step_budget": c.step_budget,
-                "history": [list(entry) for entry in c.history],
-                "noise_generator": c.noise_generator.get_state(),
-                "sampling_generator": c.sampling_generator.get_state(),
-            }
-            for name, c in self.clients.items()
+            "clients": {name: _client_state(c) for name, c in self.clients.items()},
+            "past_clients": {name: _client_state(c) for name, c in self._past_clients.items()},
+            "participation_generator": _encode_state(self._participation_generator.get_state()),
+            "client_rate": self.client_rate,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
-        self.clients = {}
-        for name, s in state.items():
-            accountant = make_accountant(self.accountant_name)
-            accountant.history = [tuple(entry) for entry in s["history"]]
-            noise_generator = torch.Generator(device=device)
-            noise_generator.set_state(s["noise_generator"])
-            sampling_generator = torch.Generator()
-            sampling_generator.set_state(s["sampling_generator"])
-            self.clients[name] = ClientPrivacy(
-                num_examples=s["num_examples"],
-                sample_rate=s["sample_rate"],
-                noise_multiplier=s["noise_multiplier"],
-                step_budget=s["step_budget"],
-                accountant=accountant,
-                noise_generator=noise_generator,
-                sampling_generator=sampling_generator,
-            )
+        self.clients = {name: self._client_from_state(s, device) for name, s in state["clients"].items()}
+        self._past_clients = {name: self._client_from_state(s, device) for name, s in state["past_clients"].items()}
+        self._participation_generator.set_state(_decode_state(state["participation_generator"]))
+        self.client_rate = float(state["client_rate"])
+
+    def catch_up_with_ledger(self, ledger: Mapping[str, Any], device: torch.device) -> list[str]:
+        """After a crash: take each client's state from the ledger where it ran further than the checkpoint.
+
+        The ledger is written before a client releases anything, so steps of a round lost in the crash are
+        counted (epsilon may be over-counted, never under-counted) and the noise and sampling streams continue
+        instead of replaying. A target-calibrated client that ran extra steps gets new noise for what is left
+        (see `plan`). Returns the clients that were behind.
+        """
+        behind = []
+        for name, saved in ledger.get("clients", {}).items():
+            client = self.clients.get(name)
+            steps = sum(int(n) for _, _, n in saved["history"])
+            if client is None or steps <= client.steps_taken:
+                continue
+            self.clients[name] = self._client_from_state(saved, device)
+            self._recalibrate.add(name)
+            behind.append(name)
+        return behind
+
+    def _client_from_state(self, s: Mapping[str, Any], device: torch.device) -> ClientPrivacy:
+        accountant = make_accountant(self.accountant_name)
+        accountant.history = [(float(a), float(b), int(c)) for a, b, c in s["history"]]
+        noise_generator = torch.Generator(device=device)
+        noise_generator.set_state(_decode_state(s["noise_generator"]))
+        sampling_generator = torch.Generator()
+        sampling_generator.set_state(_decode_state(s["sampling_generator"]))
+        return ClientPrivacy(
+            num_examples=int(s["num_examples"]),
+            sample_rate=float(s["sample_rate"]),
+            noise_multiplier=float(s["noise_multiplier"]),
+            step_budget=s["step_budget"],
+            accountant=accountant,
+            noise_generator=noise_generator,
+            sampling_generator=sampling_generator,
+            releases_per_step=int(s.get("releases_per_step", 1)),
+        )
+
+
+def _client_state(c: ClientPrivacy) -> dict[str, Any]:
+    return {
+        "num_examples": c.num_examples,
+        "sample_rate": c.sample_rate,
+        "noise_multiplier": c.noise_multiplier,
+        "step_budget": c.step_budget,
+        "releases_per_step": c.releases_per_step,
+        "history": [list(entry) for entry in c.history],
+        "noise_generator": _encode_state(c.noise_generator.get_state()),
+        "sampling_generator": _encode_state(c.sampling_generator.get_state()),
+    }
+
+
+def _encode_state(state: torch.Tensor) -> str:
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _decode_state(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
