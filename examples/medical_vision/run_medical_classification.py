@@ -237,7 +237,8 @@ def privacy_metrics(trainer: FederatedTrainer) -> dict[str, Any]:
         print("Privacy: none. This run was not differentially private.")
         return {"private": False}
     print(
-        f"Privacy: ({format_epsilon(report['epsilon'])}, {format_delta(report['delta'])})-DP per {report['unit']}, the largest epsilon "
+        f"Privacy: ({format_epsilon(report['epsilon'])}, {format_delta(report['delta'])})-DP per {report['unit']}, "
+        "the largest epsilon "
         f"over clients ({report['accountant'].upper()} accountant, clip norm {report['clip_norm']})"
     )
     return {key: report[key] for key in ("private", "epsilon", "delta", "unit", "accountant")}
