@@ -549,7 +549,10 @@ class FederatedTrainer(Trainer):
         return False
 
     def _log_round(self, round_index: int, participants: list[str], losses: list[float]) -> None:
-        logs: dict[str, float] = {"round": round_index + 1, "clients": len(participants)}
+        logs: dict[str, float] = {"round": round_index + 1}
+        secret_participation = self.privacy.enabled and self.privacy.unit == "client" and self.privacy.client_rate < 1
+        if not secret_participation:  # under client-level amplification even the count of participants is secret
+            logs["clients"] = len(participants)
         if losses:
             logs["train_loss"] = float(np.mean(losses))
         if self.privacy.enabled:
