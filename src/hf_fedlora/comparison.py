@@ -20,9 +20,9 @@ class DefaultLearningRate:
     source: str
 
 
-_SWEEP = (
-    "benchmarks/lr_sweep.py (demo setting, 6 Dirichlet clients, target (8, 1e-6) per example, 4 rounds x 4 local "
-    "steps, scored on 1000 validation tweets carved from the training split; see benchmarks/RESULTS.md, section 5)"
+_PROVISIONAL = (
+    "PROVISIONAL: FFA-LoRA's rate (one factor trains at a time, as in FFA-LoRA), pending benchmarks/lr_sweep.py "
+    "(validation tweets carved from the training split, demo setting)"
 )
 
 #: Default learning rate per registered method (AdamW defaults otherwise). FFA-LoRA trains B alone and
@@ -32,9 +32,9 @@ DEFAULT_LEARNING_RATES: dict[str, DefaultLearningRate] = {
     "ffa_lora": DefaultLearningRate(
         2e-2, "benchmarks/RESULTS.md, section 4 (utility benchmark; raised from 5e-3 for the demo, not swept)"
     ),
-    "rolora": DefaultLearningRate(2e-2, _SWEEP),
-    "deer": DefaultLearningRate(2e-2, _SWEEP),
-    "la_lora": DefaultLearningRate(2e-2, _SWEEP),
+    "rolora": DefaultLearningRate(2e-2, _PROVISIONAL),
+    "deer": DefaultLearningRate(2e-2, _PROVISIONAL),
+    "la_lora": DefaultLearningRate(2e-2, _PROVISIONAL),
 }
 
 
