@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -280,7 +279,7 @@ def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited with {process.returncode}")
+            raise RuntimeError(f"the SuperLink exited with {process.returncode} (see superlink.log)")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
                 return
@@ -317,7 +316,9 @@ def write_app(folder: Path, run_config: dict) -> None:
     )
 
 
-@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr's command-line tools are not installed")
+@pytest.mark.skipif(
+    not (Path(sys.executable).parent / "flower-superlink").exists(), reason="flwr's command-line tools are missing"
+)
 def test_loopback_deployment(tmp_path):
     """flwr run on a SuperLink and two SuperNodes (insecure, 127.0.0.1 only); checks what the ServerApp wrote and
     each client's epsilon (never the exit code: `flwr run --stream` exits 0 when the ServerApp fails)."""
@@ -335,6 +336,7 @@ def test_loopback_deployment(tmp_path):
     )
     env = {
         **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink starts flower-superexec
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
