@@ -103,8 +103,9 @@ class FlowerClient:
         )
         client = self.privacy.clients[self.name]
         if ledger.client is not None:  # continue these data's secret streams: never re-derive (replay) them
-            client.noise_generator.set_state(ledger.client["noise_generator"])
-            client.sampling_generator.set_state(ledger.client["sampling_generator"])
+            saved = self.privacy.client_from_state(ledger.client, self.trainer.args.device)
+            client.noise_generator.set_state(saved.noise_generator.get_state())
+            client.sampling_generator.set_state(saved.sampling_generator.get_state())
         ledger.unit, ledger.plan_id = self.privacy.unit, plan_id
         ledger.seeded = ledger.seeded or self.privacy.seeded
         self._save(ledger)

@@ -429,8 +429,8 @@ class FederatedPrivacy:
         }
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
-        self.clients = {name: self._client_from_state(s, device) for name, s in state["clients"].items()}
-        self._past_clients = {name: self._client_from_state(s, device) for name, s in state["past_clients"].items()}
+        self.clients = {name: self.client_from_state(s, device) for name, s in state["clients"].items()}
+        self._past_clients = {name: self.client_from_state(s, device) for name, s in state["past_clients"].items()}
         self._participation_generator.set_state(_decode_state(state["participation_generator"]))
         self.client_rate = float(state["client_rate"])
 
@@ -439,7 +439,7 @@ class FederatedPrivacy:
         return _client_state(self.clients[name])
 
     def load_client_state(self, name: str, state: Mapping[str, Any], device: torch.device) -> None:
-        self.clients[name] = self._client_from_state(state, device)
+        self.clients[name] = self.client_from_state(state, device)
 
     def catch_up_with_ledger(self, ledger: Mapping[str, Any], device: torch.device) -> list[str]:
         """After a crash: take each client's state from the ledger where it ran further than the checkpoint.
@@ -455,12 +455,13 @@ class FederatedPrivacy:
             steps = sum(int(n) for _, _, n in saved["history"])
             if client is None or steps <= client.steps_taken:
                 continue
-            self.clients[name] = self._client_from_state(saved, device)
+            self.clients[name] = self.client_from_state(saved, device)
             self._recalibrate.add(name)
             behind.append(name)
         return behind
 
-    def _client_from_state(self, s: Mapping[str, Any], device: torch.device) -> ClientPrivacy:
+    def client_from_state(self, s: Mapping[str, Any], device: torch.device) -> ClientPrivacy:
+        """A client's privacy state from `client_state` (JSON-safe, RNG states in base64)."""
         accountant = make_accountant(self.accountant_name)
         accountant.history = [(float(a), float(b), int(c)) for a, b, c in s["history"]]
         noise_generator = torch.Generator(device=device)
