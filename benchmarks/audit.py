@@ -3,8 +3,8 @@
 What it does, in one training run per setting (Steinke, Nasr and Jagielski, "Privacy Auditing with One (1)
 Training Run", NeurIPS 2023, arXiv:2305.08846):
 
-1. Draw m canaries: random token sequences, each with a planted label that the task's rule never gives it
-   (mislabeled, out of distribution), so only memorisation can make the model predict it.
+1. Draw m canaries: random token sequences made of tokens no ordinary example uses (out of distribution), each
+   with a uniformly random label out of 16, so only memorising a canary can make the model predict its label.
 2. Flip a fair coin per canary, independently (S_i = +1: included, -1: held out). The included canaries join
    the ordinary examples of ONE client (`canary`); the held-out ones are never trained on.
 3. Train through `FederatedTrainer` (non-private, or DP at a target epsilon with the DP randomness from OS
