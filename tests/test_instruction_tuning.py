@@ -31,6 +31,7 @@ from hf_fedlora.instruction_data import (
     generate_completions,
     tokenize_instructions,
 )
+from hf_fedlora.methods import CONFIG_CLASSES
 from hf_fedlora.privacy.per_example_loss import summed_example_losses
 
 WORDS = "what is plus minus times the sum of and please answer a question about numbers".split()
@@ -336,3 +337,29 @@ def test_final_answer_reads_gsm8k_markers_and_falls_back_to_the_last_number():
     assert final_answer("#### -3") == "-3"
     completions = ["... #### 7", "the answer is 8", "nothing", "#### 10"]
     assert exact_match(completions, ["x\n#### 7", "#### 9", "#### 1", "#### 10.00"]) == 0.5
+
+
+@pytest.mark.parametrize("unit", ["example", "client"])
+@pytest.mark.parametrize("config_cls", CONFIG_CLASSES, ids=lambda c: c.method_class.name)
+def test_every_method_and_privacy_unit_trains_a_causal_lm_on_chat_data(tmp_path, config_cls, unit):
+    """One DP round of each registered method under each unit of privacy moves the adapter and reports epsilon."""
+    tokenizer = tiny_tokenizer(padding_side="left")
+    data = tokenize_instructions(chat_data(16), tokenizer)
+    trainer = FederatedTrainer(
+        tiny_causal_lm("llama", config_cls),
+        fed_args(
+            tmp_path,
+            num_clients=2,
+            num_rounds=1,
+            local_steps=1,
+            per_device_train_batch_size=4,
+            dp_noise_multiplier=1.0,
+            dp_unit=unit,
+        ),
+        train_dataset=data,
+        data_collator=InstructionDataCollator(tokenizer),
+    )
+    before = {k: v.clone() for k, v in trainer._global_state.items()}
+    metrics = trainer.train().metrics
+    assert metrics["epsilon"] > 0 and trainer.privacy_report()["unit"] == unit
+    assert any(not torch.equal(before[k], trainer._global_state[k]) for k in before)

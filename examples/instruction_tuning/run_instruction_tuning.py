@@ -323,7 +323,8 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
 
     train_result = trainer.train()
     trainer.save_model()
-    results.update({f"train_{k}": v for k, v in train_result.metrics.items()})
+    # Under DP the training losses stay on the clients (not covered by the guarantee): train_loss is then NaN.
+    results.update({k if k.startswith("train_") else f"train_{k}": v for k, v in train_result.metrics.items()})
     if trainer.privacy.enabled:
         report = trainer.privacy_report()
         results.update(
