@@ -277,7 +277,8 @@ def test_two_round_dp_federated_run_saves_an_adapter_plain_peft_generates_with(t
     with torch.no_grad():
         torch.testing.assert_close(loaded(**encoded).logits, trainer.model(**encoded).logits)
     completions = generate_completions(loaded, tokenizer, prompts, max_new_tokens=6)
-    assert len(completions) == 2 and all(len(c.split()) > 0 for c in completions)
+    assert len(completions) == 2  # (a DP-trained tiny model may well stop at once: only equality is asserted)
+    assert completions == generate_completions(trainer.model, tokenizer, prompts, max_new_tokens=6)
 
 
 def test_batched_left_padded_generation_matches_one_by_one():
