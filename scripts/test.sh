@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Lint and test hf-fedlora offline: sets up .venv if needed, then `ruff check .` and pytest.
+# Lint and test hf-fedlora offline: sets up .venv if needed, then `ruff check .`, pytest, and the Flower tests.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k offline_assets -x`.
 set -euo pipefail
 
@@ -14,3 +14,10 @@ export TOKENIZERS_PARALLELISM=false
 
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"
+
+# The Flower apps need their own environment (flwr pins older typer/rich/packaging than the core install):
+# scripts/test_flower.sh builds .venv-flower and runs tests/test_flower.py (in-process Grid and a loopback
+# deployment). Skipped when arguments select core tests, or with HF_FEDLORA_SKIP_FLOWER=1.
+if [ "$#" -eq 0 ] && [ "${HF_FEDLORA_SKIP_FLOWER:-0}" != "1" ]; then
+    bash "$ROOT/scripts/test_flower.sh"
+fi
