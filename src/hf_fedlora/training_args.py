@@ -20,8 +20,10 @@ NOISE_CALIBRATIONS = ("per_client", "shared")
 class FederatedTrainingArguments(TrainingArguments):
     """Arguments for `FederatedTrainer`.
 
-    `per_device_train_batch_size` is each client's (expected) batch size; under DP it sets
-    the Poisson sample rate q_k = batch_size / n_k. The usual `learning_rate`, `optim`,
+    A client's logical batch is `per_device_train_batch_size` x `gradient_accumulation_steps`
+    (Trainer's convention: per_device is the physical micro-batch that fits in memory); under DP
+    the logical batch is the expected Poisson batch and sets q_k = logical / n_k, and each
+    logical batch is one noisy step however many micro-batches it takes. The usual `learning_rate`, `optim`,
     `weight_decay`, `eval_strategy`-free evaluation (`eval_every_rounds`), `report_to`,
     `seed` and `output_dir` apply. `num_train_epochs` and `max_steps` are not used: the
     length of a run is `num_rounds` x local steps. `save_strategy`/`save_steps` count rounds
@@ -238,9 +240,10 @@ class FederatedTrainingArguments(TrainingArguments):
         _require_choice(self.dp_accountant, "dp_accountant", tuple(sorted(ACCOUNTANTS)))
         _require_choice(self.dp_unit, "dp_unit", UNITS)
         _require_choice(self.dp_noise_calibration, "dp_noise_calibration", NOISE_CALIBRATIONS)
-        if self.private and self.dp_unit == "example" and self.gradient_accumulation_steps != 1:
+        if self.fp16:
             raise ValueError(
-                "gradient_accumulation_steps must be 1 under DP: each Poisson-sampled batch is one private step"
+                "fp16=True is not supported: local steps run without a loss scaler (under DP a scaled loss would "
+                "scale every per-example gradient before clipping). Use bf16=True for mixed precision."
             )
 
 

@@ -125,7 +125,8 @@ class FederatedPrivacy:
     ) -> None:
         """Fix each client's sample rate and noise so the planned steps fit its budget; refuse plans that don't.
 
-        Example unit: a step is one DP-SGD step at sample rate batch_size / n_k. Client unit: a step is one
+        Example unit: a step is one DP-SGD step at sample rate batch_size / n_k, batch_size the logical (expected
+        Poisson) batch however many micro-batches it runs in. Client unit: a step is one
         round, at the client-sampling rate `client_rate`, in which a client releases `releases_per_round`
         clipped and noised updates.
 
@@ -138,8 +139,9 @@ class FederatedPrivacy:
         for name, size in client_sizes.items():
             if self.unit == "example" and batch_size > size:
                 raise ValueError(
-                    f"per_device_train_batch_size={batch_size} is larger than client {name!r}'s "
-                    f"{size} examples: its Poisson sample rate would exceed 1. Use a smaller batch or fewer clients."
+                    f"The logical batch {batch_size} (per_device_train_batch_size x gradient_accumulation_steps) "
+                    f"is larger than client {name!r}'s {size} examples: its Poisson sample rate would exceed 1. "
+                    "Use a smaller batch or fewer clients."
                 )
         self._check_delta(sum(client_sizes.values()))
         new_clients = [name for name in client_sizes if name not in self.clients]
