@@ -248,6 +248,7 @@ class FederatedTrainer(Trainer):
         losses: list[float] = []
         for sub_round in range(self.method.num_sub_rounds(round_index)):
             uploads, weights = [], []
+            streaming = self.method.streaming_aggregator()  # folds uploads as they arrive; None: keep them all
             bar = tqdm(participants, desc=f"round {round_index + 1}", leave=False, disable=self.args.disable_tqdm)
             failed = []
             for name in bar:
@@ -260,10 +261,14 @@ class FederatedTrainer(Trainer):
                     failed.append(name)
                     continue
                 losses.extend(client_losses)
-                if upload is not None:
+                if upload is not None and streaming is not None:
+                    streaming.add(upload, self._aggregation_weight(name))
+                elif upload is not None:
                     uploads.append(upload)
                     weights.append(self._aggregation_weight(name))
             self._check_enough_clients(round_index, participants, failed)
+            if streaming is not None and streaming.count:
+                self._global_state.update(streaming.result())
             if uploads:
                 self.apply_uploads(uploads, weights)
         load_into(self._adapter, self._global_state)
