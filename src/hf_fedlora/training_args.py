@@ -13,7 +13,7 @@ from .privacy.engine import UNITS
 
 PARTITIONS = ("iid", "dirichlet", "label_proportions", "column")
 AGGREGATION_WEIGHTS = ("num_examples", "uniform")
-NOISE_CALIBRATIONS = ("per_client", "shared")
+NOISE_CALIBRATIONS = ("per_client", "shared", "per_client_grid")
 
 
 @dataclass
@@ -153,8 +153,10 @@ class FederatedTrainingArguments(TrainingArguments):
     dp_noise_calibration: str = field(
         default="per_client",
         metadata={
-            "help": f"One of {NOISE_CALIBRATIONS}: each client its own noise just meeting the target, or one "
-            "shared noise set by the worst-placed client (more noise for everyone else)."
+            "help": f"One of {NOISE_CALIBRATIONS}: each client its own noise just meeting the target; one "
+            "shared noise set by the worst-placed client (more noise for everyone else); or, for many clients, "
+            "the noise of the geometric grid point (sample rate, steps; ratio 1.1) just above each client's own "
+            "(one calibration per occupied grid point, every client still within the target)."
         },
     )
 
