@@ -48,13 +48,16 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from hf_fedlora import FederatedTrainer, FederatedTrainingArguments
 from hf_fedlora.cli import DemoArguments, compute_classification_metrics, load_tweet_task, minilm_classifier
+from hf_fedlora.comparison import DEFAULT_LEARNING_RATES, local_steps_per_sub_round
 from hf_fedlora.methods import CONFIG_CLASSES
 
 CEILING = "centralised"  # the pseudo-method name of the centralised non-private LoRA ceiling
 METHODS = {config_cls.method_class.name: config_cls for config_cls in CONFIG_CLASSES}
-# Learning rates (AdamW defaults otherwise). FFA-LoRA trains B alone and lora_alpha only rescales B's
-# rate, so it needs a larger one than LoRA (ALGORITHMS.md). Methods without an entry use LoRA's.
-DEFAULT_LRS = {"lora": 5e-3, "ffa_lora": 2e-2, CEILING: 5e-3}
+# Learning rates (AdamW defaults otherwise): the package's one table (hf_fedlora.comparison, which says where
+# each rate came from), shared with `hf-fedlora demo`; the centralised ceiling uses LoRA's. Methods without an
+# entry use LoRA's.
+DEFAULT_LRS = {name: rate.value for name, rate in DEFAULT_LEARNING_RATES.items()}
+DEFAULT_LRS[CEILING] = DEFAULT_LRS["lora"]
 FALLBACK_LR_OF = "lora"
 # Smoke run: every code path (each method, DP and not, the ceiling) on a few steps; 2 clients keep the
 # per-client noise calibration (seconds per client with PRV) short.
@@ -192,15 +195,9 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
     )
     model = get_peft_model(minilm_classifier(), config)
     method_object = config.build_method()
-    sub_rounds = {method_object.num_sub_rounds(r) for r in range(args.rounds)}
-    if len(sub_rounds) != 1:
-        raise NotImplementedError(f"{method} changes its number of sub-rounds between rounds: {sorted(sub_rounds)}")
-    sub_rounds = sub_rounds.pop()
-    steps = args.local_steps
-    if args.sub_round_steps == "split" and sub_rounds > 1:
-        if args.local_steps % sub_rounds:
-            raise ValueError(f"--local_steps {args.local_steps} does not split into {method}'s {sub_rounds} sub-rounds")
-        steps = args.local_steps // sub_rounds
+    sub_rounds = method_object.num_sub_rounds(0)
+    split = args.sub_round_steps == "split"
+    steps = local_steps_per_sub_round(method_object, args.rounds, args.local_steps, split=split)
     counter = ForwardCounter(model)
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = FederatedTrainingArguments(

@@ -284,9 +284,6 @@ def independent_rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: 
     return accountant.get_epsilon(delta)
 
 
-
-
-
 @pytest.mark.parametrize(
     ("config_cls", "rounds", "steps_per_round"),
     [(DeerConfig, 2, 2 * 2), (RoLoraConfig, 2, 2)],  # local_steps=2; DEeR runs two local passes a round

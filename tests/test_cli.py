@@ -1,0 +1,112 @@
+"""`hf-fedlora demo`: the comparison's table, plots and adapters; DEeR's equal budget; bad arguments fail early.
+
+Runs the real MiniLM on a few hundred offline tweets for one round with a fixed noise multiplier (no
+calibration), so each run takes seconds.
+"""
+
+import json
+
+import matplotlib.axes
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from hf_fedlora import cli
+from hf_fedlora.comparison import DEFAULT_LEARNING_RATES, method_names
+from hf_fedlora.hub import format_delta, format_epsilon
+
+FAST = [
+    "--max_train_examples", "300", "--max_eval_examples", "32", "--num_rounds", "1", "--num_clients", "2",
+    "--partition", "iid", "--per_device_train_batch_size", "8", "--dp_noise_multiplier", "1.0",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+def adapter_bytes(folder, skip: str | None = None) -> int:
+    """Bytes of the saved adapter's tensors (optionally without those whose name contains `skip`)."""
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    return sum(t.numel() * t.element_size() for name, t in tensors.items() if skip is None or skip not in name)
+
+
+def test_compare_writes_table_plot_and_one_adapter_per_method(tmp_path, monkeypatch):
+    lines = []
+    plot = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        lines.append(kwargs.get("label"))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    cli.run_demo([*FAST, "--compare", "lora,ffa_lora", "--output_dir", str(tmp_path)])
+
+    table = json.loads((tmp_path / "results.json").read_text())
+    markdown = (tmp_path / "results.md").read_text()
+    assert [row["method"] for row in table["rows"]] == ["lora", "ffa_lora"]
+    for row in table["rows"]:
+        folder = tmp_path / row["method"]
+        assert (folder / "README.md").is_file() and (folder / "adapter_model.safetensors").is_file()
+        privacy = json.loads((folder / "federated_training.json").read_text())["privacy"]
+        assert (row["epsilon"], row["delta"], row["unit"]) == (privacy["epsilon"], privacy["delta"], "example")
+        assert {c["noise_multiplier"] for c in privacy["clients"].values()} == {1.0}
+        line = next(line for line in markdown.splitlines() if line.startswith(f"| {row['method']} |"))
+        assert f"| {format_epsilon(privacy['epsilon'])} | {format_delta(privacy['delta'])} | example |" in line
+        assert row["learning_rate"] == DEFAULT_LEARNING_RATES[row["method"]].value
+        assert [r for r, _ in row["accuracy_per_round"]] == [0, 1]
+    # one round: LoRA sends A, B and the head; FFA-LoRA the same minus A (sizes from the saved adapters)
+    lora, ffa = table["rows"]
+    assert lora["mb_uploaded_per_client"] * 1e6 == pytest.approx(adapter_bytes(tmp_path / "lora"))
+    assert ffa["mb_uploaded_per_client"] * 1e6 == pytest.approx(adapter_bytes(tmp_path / "ffa_lora", skip="lora_A"))
+
+    with Image.open(tmp_path / "accuracy_per_round.png") as image:
+        image.verify()
+    assert [label.split()[0] for label in lines] == ["lora", "ffa_lora"]  # one line per method
+    assert not (tmp_path / "accuracy_vs_epsilon.png").exists()  # one budget: nothing to plot against
+
+
+def test_deer_splits_its_local_steps_between_its_sub_rounds(tmp_path):
+    cli.run_demo([*FAST, "--method", "deer", "--local_steps", "2", "--output_dir", str(tmp_path)])
+    row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+    assert (row["method"], row["sub_rounds_per_round"], row["local_steps_per_sub_round"]) == ("deer", 2, 1)
+    privacy = json.loads((tmp_path / "deer" / "federated_training.json").read_text())["privacy"]
+    # the same noisy steps as a one-sub-round method with --local_steps 2
+    assert {c["steps"] for c in privacy["clients"].values()} == {2}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--method", "nope"], "'nope' is not a registered method"),
+        (["--compare", "lora,nope"], "unknown methods ['nope']"),
+        (["--method", "lora", "--compare"], "not both"),
+        (["--compare", "--learning_rate", "0.1"], "--learning_rate sets one rate"),
+        (["--epsilons", "1,3", "--dp_target_epsilon", "2"], "drop --dp_target_epsilon"),
+        (["--method", "deer", "--local_steps", "3"], "does not split evenly"),
+    ],
+)
+def test_bad_arguments_fail_before_anything_is_loaded_or_trained(tmp_path, monkeypatch, capsys, flags, message):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the demo loaded data for a command it should have refused")
+
+    monkeypatch.setattr(cli, "load_tweet_task", must_not_run)
+    output_dir = tmp_path / "out"
+    assert cli.main(["demo", *flags, "--output_dir", str(output_dir)]) == 2
+    assert message in capsys.readouterr().err
+    assert not output_dir.exists()
+
+
+def test_plan_defaults_and_overrides():
+    _, args, plan = cli.parse_demo_args([])
+    assert (plan.methods, plan.budgets, args.dp_unit) == (["ffa_lora"], [8.0], "example")
+    from hf_fedlora.offline_assets import load_tweet_sentiment
+
+    # below the privacy engine's "not far below 1/N" warning threshold for the demo's federation
+    assert args.dp_target_delta <= 0.1 / len(load_tweet_sentiment()["train"])
+    assert cli.parse_demo_args(["--compare"])[2].methods == method_names()
+    _, _, plan = cli.parse_demo_args(["--method", "deer", "--learning_rate", "0.1", "--epsilons", "1,3,none"])
+    assert (plan.learning_rates["deer"].value, plan.budgets) == (0.1, [1.0, 3.0, None])
+
+
+def test_every_registered_method_has_a_default_learning_rate_with_its_source():
+    for name in method_names():
+        rate = DEFAULT_LEARNING_RATES[name]
+        assert rate.value > 0 and rate.source
