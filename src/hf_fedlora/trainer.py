@@ -186,7 +186,7 @@ class FederatedTrainer(Trainer):
             try:
                 self.privacy.plan(
                     {name: len(data) for name, data in clients.items()},
-                    args.per_device_train_batch_size,
+                    self._logical_batch_size,
                     planned_steps,
                     self.args.device,
                     client_rate=(args.clients_per_round or len(clients)) / len(clients),
@@ -246,6 +246,7 @@ class FederatedTrainer(Trainer):
         losses: list[float] = []
         for sub_round in range(self.method.num_sub_rounds(round_index)):
             uploads, weights = [], []
+            streaming = self.method.streaming_aggregator()  # folds uploads as they arrive; None: keep them all
             bar = tqdm(participants, desc=f"round {round_index + 1}", leave=False, disable=self.args.disable_tqdm)
             failed = []
             for name in bar:
@@ -258,10 +259,14 @@ class FederatedTrainer(Trainer):
                     failed.append(name)
                     continue
                 losses.extend(client_losses)
-                if upload is not None:
+                if upload is not None and streaming is not None:
+                    streaming.add(upload, self._aggregation_weight(name))
+                elif upload is not None:
                     uploads.append(upload)
                     weights.append(self._aggregation_weight(name))
             self._check_enough_clients(round_index, participants, failed)
+            if streaming is not None and streaming.count:
+                self._global_state.update(streaming.result())
             if uploads:
                 self.apply_uploads(uploads, weights)
         load_into(self._adapter, self._global_state)
@@ -326,7 +331,7 @@ class FederatedTrainer(Trainer):
             optimizer = self.privacy.private_optimizer(
                 optimizer,
                 name,
-                self.args.per_device_train_batch_size,
+                self._logical_batch_size,
                 self._adapter,
                 regulate=self.method.regulates_noise(),
                 noisy_gradient_filter=self.method.noisy_gradient_filter(),
@@ -341,7 +346,11 @@ class FederatedTrainer(Trainer):
                     logger.warning(f"Client {name!r} has spent its privacy budget and stops training.")
                     break
                 self._set_trainable(self.method.trained_factors(round_index, sub_round, step))
-                indices = self.privacy.sample_batch(name) if per_example else _next_batch(order, step, self.args)
+                indices = (
+                    self.privacy.sample_batch(name)
+                    if per_example
+                    else _next_batch(order, step, self._logical_batch_size)
+                )
                 if per_example:  # counted before the step: a step that fails half-way is still spent
                     self.privacy.record_step(name)
                 loss = self._local_step(data, indices, optimizer)
@@ -368,36 +377,55 @@ class FederatedTrainer(Trainer):
         return self.privacy.enabled and self.privacy.unit == "example"
 
     def _local_step(self, data: Dataset, indices: list[int], optimizer: torch.optim.Optimizer) -> float | None:
-        """One optimizer step; under DP an empty Poisson batch still takes a (pure-noise) step."""
+        """One optimizer step on one logical batch, run in micro-batches of at most per_device_train_batch_size.
+
+        Under DP each micro-batch's per-example gradients are clipped and summed into the logical batch's sum
+        (Opacus's skipped steps, as its BatchMemoryManager does); the noise is added and the optimizer steps
+        once, after the last micro-batch. An empty Poisson batch still takes a (pure-noise) step.
+        """
         if not indices:
             for parameter in self._trainable_parameters():
                 parameter.grad_sample = torch.zeros((0, *parameter.shape), device=parameter.device)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return None
-        loss = self._backward_batch(data, indices)
-        if not self._per_example_dp and self.args.max_grad_norm and self.args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self.args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        size = self.args.per_device_train_batch_size
+        micro_batches = [indices[start : start + size] for start in range(0, len(indices), size)]
+        loss = 0.0
+        for position, micro_batch in enumerate(micro_batches):
+            last = position == len(micro_batches) - 1
+            # Without DP the micro-batch's mean loss is weighted so the gradients add up to the logical mean.
+            loss += self._backward_batch(data, micro_batch, len(micro_batch) / len(indices)) * len(micro_batch)
+            if self._per_example_dp:
+                optimizer.signal_skip_step(do_skip=not last)  # clip and sum now; noise and step after the last
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)  # frees this micro-batch's per-example gradients only
+        if not self._per_example_dp:
+            if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self.args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss / len(indices)
 
-    def _backward_batch(self, data: Dataset, indices: list[int]) -> float:
-        """Forward and backward of one batch; returns its mean loss. Under DP each example's own loss is summed,
-        so the per-example gradients the hooks record depend on no other example of the batch."""
+    def _backward_batch(self, data: Dataset, indices: list[int], loss_scale: float = 1.0) -> float:
+        """Forward and backward of one (micro-)batch; returns its mean loss. Under DP each example's own loss is
+        summed, so the per-example gradients the hooks record depend on no other example of the batch, and
+        `loss_scale` is ignored (clipping needs each example's whole gradient). Mixed precision (bf16/fp16
+        arguments) autocasts the forward; the adapter's parameters, and so its gradients, stay in float32."""
         rows = data[indices]
         features = [{key: values[i] for key, values in rows.items()} for i in range(len(indices))]
         inputs = self._prepare_inputs(self.data_collator(features))
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), self.accelerator.autocast():
             if self._per_example_dp:
                 loss, example_losses = summed_example_losses(self.model, inputs, len(indices), self._causal_lm)
             else:
                 loss = self.compute_loss(self.model, inputs)
-        self.accelerator.backward(loss)
         if not self._per_example_dp:
+            self.accelerator.backward(loss * loss_scale)
             return float(loss.detach())
+        self.accelerator.backward(loss)
         self._per_example_gradients.fold_to_batch(len(indices))  # e.g. Swin's windows back to their examples
-        return float(example_losses.mean())
+        return float(example_losses.float().mean())
 
     # ------------------------------------------------------------------------------------
     # Pieces of a round
@@ -446,7 +474,13 @@ class FederatedTrainer(Trainer):
         if self.args.local_steps is not None:
             return self.args.local_steps
         epochs = self.args.local_epochs if self.args.local_epochs is not None else 1.0
-        return max(1, math.ceil(epochs * size / self.args.per_device_train_batch_size))
+        return max(1, math.ceil(epochs * size / self._logical_batch_size))
+
+    @property
+    def _logical_batch_size(self) -> int:
+        """Examples per optimizer step (Trainer's convention: per_device_train_batch_size is the physical micro-batch,
+        times gradient_accumulation_steps). Under DP it is the expected Poisson batch: it sets q = logical / n."""
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
 
     def _sample_participants(self, names: list[str]) -> list[str]:
         count = self.args.clients_per_round or len(names)
@@ -615,7 +649,8 @@ class FederatedTrainer(Trainer):
             "clients_per_round": args.clients_per_round or len(self.client_datasets),
             "local_steps": args.local_steps,
             "local_epochs": args.local_epochs,
-            "batch_size": args.per_device_train_batch_size,
+            "batch_size": self._logical_batch_size,
+            "physical_batch_size": args.per_device_train_batch_size,
             "learning_rate": args.learning_rate,
             "aggregation_weights": args.aggregation_weights,
             "partition": self._partition_record(),
@@ -891,9 +926,8 @@ def _label_histograms(clients: Mapping[str, Dataset], label_column: str | None) 
     return histograms
 
 
-def _next_batch(order: list[int], step: int, args: FederatedTrainingArguments) -> list[int]:
+def _next_batch(order: list[int], step: int, size: int) -> list[int]:
     """Consecutive slices of a shuffled order, wrapping around (non-private local training)."""
-    size = args.per_device_train_batch_size
     start = (step * size) % len(order)
     batch = order[start : start + size]
     if len(batch) < size:

@@ -13,15 +13,17 @@ from .privacy.engine import UNITS
 
 PARTITIONS = ("iid", "dirichlet", "label_proportions", "column")
 AGGREGATION_WEIGHTS = ("num_examples", "uniform")
-NOISE_CALIBRATIONS = ("per_client", "shared")
+NOISE_CALIBRATIONS = ("per_client", "shared", "per_client_grid")
 
 
 @dataclass
 class FederatedTrainingArguments(TrainingArguments):
     """Arguments for `FederatedTrainer`.
 
-    `per_device_train_batch_size` is each client's (expected) batch size; under DP it sets
-    the Poisson sample rate q_k = batch_size / n_k. The usual `learning_rate`, `optim`,
+    A client's logical batch is `per_device_train_batch_size` x `gradient_accumulation_steps`
+    (Trainer's convention: per_device is the physical micro-batch that fits in memory); under DP
+    the logical batch is the expected Poisson batch and sets q_k = logical / n_k, and each
+    logical batch is one noisy step however many micro-batches it takes. The usual `learning_rate`, `optim`,
     `weight_decay`, `eval_strategy`-free evaluation (`eval_every_rounds`), `report_to`,
     `seed` and `output_dir` apply. `num_train_epochs` and `max_steps` are not used: the
     length of a run is `num_rounds` x local steps. `save_strategy`/`save_steps` count rounds
@@ -151,8 +153,10 @@ class FederatedTrainingArguments(TrainingArguments):
     dp_noise_calibration: str = field(
         default="per_client",
         metadata={
-            "help": f"One of {NOISE_CALIBRATIONS}: each client its own noise just meeting the target, or one "
-            "shared noise set by the worst-placed client (more noise for everyone else)."
+            "help": f"One of {NOISE_CALIBRATIONS}: each client its own noise just meeting the target; one "
+            "shared noise set by the worst-placed client (more noise for everyone else); or, for many clients, "
+            "the noise of the geometric grid point (sample rate, steps; ratio 1.1) just above each client's own "
+            "(one calibration per occupied grid point, every client still within the target)."
         },
     )
 
@@ -238,9 +242,10 @@ class FederatedTrainingArguments(TrainingArguments):
         _require_choice(self.dp_accountant, "dp_accountant", tuple(sorted(ACCOUNTANTS)))
         _require_choice(self.dp_unit, "dp_unit", UNITS)
         _require_choice(self.dp_noise_calibration, "dp_noise_calibration", NOISE_CALIBRATIONS)
-        if self.private and self.dp_unit == "example" and self.gradient_accumulation_steps != 1:
+        if self.fp16:
             raise ValueError(
-                "gradient_accumulation_steps must be 1 under DP: each Poisson-sampled batch is one private step"
+                "fp16=True is not supported: local steps run without a loss scaler (under DP a scaled loss would "
+                "scale every per-example gradient before clipping). Use bf16=True for mixed precision."
             )
 
 

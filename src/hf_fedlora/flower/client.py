@@ -93,7 +93,7 @@ class FlowerClient:
             self.privacy.compose_with({"unit": self.privacy.unit, "clients": {self.name: {"history": ledger.history}}})
         self.privacy.plan(
             {self.name: len(self.data)},
-            self.trainer.args.per_device_train_batch_size,
+            self.trainer._logical_batch_size,  # the expected Poisson batch: q = logical / n
             {self.name: int(config["planned-steps"])},
             self.trainer.args.device,
             client_rate=float(config["client-rate"]),

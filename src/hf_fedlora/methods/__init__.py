@@ -1,6 +1,6 @@
 """One file per federated LoRA method: its config class and the method object it builds."""
 
-from .base import FederatedMethod
+from .base import FederatedMethod, WeightedMeanAccumulator
 from .deer import DeerConfig, DeerMethod
 from .ffa_lora import FFALoraConfig, FFALoraMethod
 from .la_lora import LALoraConfig, LALoraMethod
@@ -33,4 +33,5 @@ __all__ = [
     "LALoraMethod",
     "RoLoraConfig",
     "RoLoraMethod",
+    "WeightedMeanAccumulator",
 ]

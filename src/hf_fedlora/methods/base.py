@@ -69,6 +69,12 @@ class FederatedMethod:
         """FedAvg of each uploaded tensor separately (A and B averaged independently)."""
         return weighted_average(uploads, weights)
 
+    def streaming_aggregator(self) -> WeightedMeanAccumulator | None:
+        """A running aggregate the server folds each upload into as it arrives, so its memory does not grow with
+        the clients of a round; it must give what `aggregate` gives. None: the method needs all uploads at once
+        (the server then holds them and calls `aggregate`). A weighted mean streams."""
+        return WeightedMeanAccumulator()
+
     # --- shared start -----------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, model: nn.Module) -> None:
@@ -86,3 +92,38 @@ class FederatedMethod:
             else:  # PEFT's default LoRA init for A
                 nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
             parameter.copy_(values.to(parameter.dtype))
+
+
+class WeightedMeanAccumulator:
+    """FedAvg folded one upload at a time: a float32 running weighted sum per tensor and the total weight."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, upload: Mapping[str, torch.Tensor], weight: float) -> None:
+        """Fold one client's upload in; the upload can be freed as soon as this returns."""
+        if self.count and set(upload) != set(self._sums):
+            raise ValueError(
+                f"upload holds tensors {sorted(set(upload) ^ set(self._sums))} that the round's other uploads "
+                "do not (or lacks them): every client of a (sub-)round must send the same tensors"
+            )
+        for name, tensor in upload.items():
+            if name in self._sums:
+                self._sums[name].add_(tensor.float(), alpha=float(weight))
+            else:
+                self._sums[name] = tensor.float() * float(weight)
+                self._dtypes[name] = tensor.dtype
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The weighted mean of everything added (weights renormalised to sum to one), in each upload's dtype."""
+        if not self.count:
+            raise ValueError("The aggregate is empty: no client uploaded anything this (sub-)round")
+        if self.total_weight <= 0:
+            raise ValueError(f"aggregation weights must sum to a positive number, got {self.total_weight}")
+        return {name: (total / self.total_weight).to(self._dtypes[name]) for name, total in self._sums.items()}

@@ -33,6 +33,14 @@ class ShapedNoiseDPOptimizer(DPOptimizer):
                 if not hasattr(parameter, "summed_grad"):
                     parameter.summed_grad = None
 
+    def _get_flat_grad_sample(self, p: torch.Tensor) -> torch.Tensor:
+        """Per-example gradients in at least float32: under bf16 autocast the hooks may record them in bf16, and
+        a norm computed in bf16 (8 bits of mantissa) could let a clipped gradient exceed the clip norm."""
+        grad_sample = super()._get_flat_grad_sample(p)
+        if grad_sample.is_floating_point() and torch.finfo(grad_sample.dtype).bits < 32:
+            return grad_sample.float()
+        return grad_sample
+
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
         for parameter in self.params:

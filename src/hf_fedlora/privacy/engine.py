@@ -28,13 +28,15 @@ from transformers.utils import logging
 
 from ..federation.adapter_state import LORA_A, LORA_B, factor_of, peer_name
 from .accountants import epsilon_from_history, make_accountant
-from .calibration import calibrate_noise_multiplier
+from .calibration import calibrate_grid, calibrate_noise_multiplier, grid_point
 from .dp_optimizer import ShapedNoiseDPOptimizer
 from .noise_regulator import regulated_noise
 from .postprocessing import NOISY_GRADIENT_FILTERS
 
 UNIT = "example"  # the default unit of privacy
 UNITS = ("example", "client")
+GRID_CALIBRATION = "per_client_grid"
+DEFAULT_GRID_RATIO = 1.25
 SAMPLING_STREAM, NOISE_STREAM, PARTICIPATION_STREAM = 0, 1, 2
 
 logger = logging.get_logger(__name__)
@@ -84,6 +86,7 @@ class FederatedPrivacy:
         calibration: str = "per_client",
         secret_seed: int | None = None,
         unit: str = UNIT,
+        grid_ratio: float = DEFAULT_GRID_RATIO,
     ):
         if unit not in UNITS:
             raise ValueError(f"dp_unit must be one of {list(UNITS)}, got {unit!r}")
@@ -94,6 +97,10 @@ class FederatedPrivacy:
         self.clip_norm = clip_norm
         self.accountant_name = accountant
         self.calibration = calibration
+        # per_client_grid: clients share the noise of the geometric grid point (rate, steps) at or above their own.
+        self.grid_ratio = grid_ratio
+        self._verified_on_grid: set[str] = set()  # planned on a grid point already checked against the target
+        self._epsilon_cache: dict[str, tuple[tuple, float]] = {}  # name -> (history, epsilon): recompute on change
         # Anyone who knows this root can rebuild every batch and subtract the noise: by default it is fresh OS
         # entropy, never the run's published seed. A fixed secret seed is for reproducible experiments only.
         self.seeded = secret_seed is not None
@@ -127,7 +134,8 @@ class FederatedPrivacy:
     ) -> None:
         """Fix each client's sample rate and noise so the planned steps fit its budget; refuse plans that don't.
 
-        Example unit: a step is one DP-SGD step at sample rate batch_size / n_k. Client unit: a step is one
+        Example unit: a step is one DP-SGD step at sample rate batch_size / n_k, batch_size the logical (expected
+        Poisson) batch however many micro-batches it runs in. Client unit: a step is one
         round, at the client-sampling rate `client_rate`, in which a client releases `releases_per_round`
         clipped and noised updates.
 
@@ -144,13 +152,19 @@ class FederatedPrivacy:
         for name, size in client_sizes.items():
             if self.unit == "example" and batch_size > size:
                 raise ValueError(
-                    f"per_device_train_batch_size={batch_size} is larger than client {name!r}'s "
-                    f"{size} examples: its Poisson sample rate would exceed 1. Use a smaller batch or fewer clients."
+                    f"The logical batch {batch_size} (per_device_train_batch_size x gradient_accumulation_steps) "
+                    f"is larger than client {name!r}'s {size} examples: its Poisson sample rate would exceed 1. "
+                    "Use a smaller batch or fewer clients."
                 )
         self._check_delta(total_examples if total_examples is not None else sum(client_sizes.values()))
         new_clients = [name for name in client_sizes if name not in self.clients]
         rates = {name: self._sample_rate(size, batch_size) for name, size in client_sizes.items()}
-        sigmas = {name: self._noise_for(rates[name], planned_steps[name], self._prior(name)) for name in new_clients}
+        if self.calibration == GRID_CALIBRATION and self.fixed_noise_multiplier is None:
+            sigmas = self._grid_noise(new_clients, rates, planned_steps)
+        else:
+            sigmas = {
+                name: self._noise_for(rates[name], planned_steps[name], self._prior(name)) for name in new_clients
+            }
         if self.calibration == "shared" and sigmas:
             shared = max(sigmas.values())
             sigmas = dict.fromkeys(sigmas, shared)
@@ -179,6 +193,28 @@ class FederatedPrivacy:
             client.noise_multiplier = self._noise_for(client.sample_rate, planned_steps[name], client.history)
             self._recalibrate.discard(name)
         self._refuse_overspending_plan(planned_steps)
+
+    def _grid_noise(
+        self, names: list[str], rates: Mapping[str, float], planned_steps: Mapping[str, int]
+    ) -> dict[str, float]:
+        """Each client gets the noise calibrated for the grid point (rate ratio^-j, steps ceil(ratio^k)) just at or
+        above its own (rate, steps): one search per occupied grid point instead of one per client. For a fixed
+        noise multiplier epsilon grows with the rate and the steps, so every client still meets the target (a
+        client placed below its point spends a little less). Clients composing with an earlier run, or running
+        no step, are calibrated on their own."""
+        points = {
+            name: grid_point(rates[name], planned_steps[name], self.grid_ratio)
+            for name in names
+            if planned_steps[name] > 0 and not self._prior(name)
+        }
+        grid = calibrate_grid(self.target_epsilon, self.delta, points.values(), self.accountant_name)
+        self._verified_on_grid.update(points)
+        return {
+            name: grid[points[name]]
+            if name in points
+            else self._noise_for(rates[name], planned_steps[name], self._prior(name))
+            for name in names
+        }
 
     def _sample_rate(self, num_examples: int, batch_size: int) -> float:
         return self.client_rate if self.unit == "client" else batch_size / num_examples
@@ -249,6 +285,9 @@ class FederatedPrivacy:
         for name, steps in planned_steps.items():
             client = self.clients[name]
             if steps == 0:
+                continue
+            if name in self._verified_on_grid and not client.history:
+                # Its grid point (rate and steps at or above its own, same sigma) was checked in calibration.
                 continue
             projected = client.history + [(client.noise_multiplier, client.sample_rate, steps)]
             epsilon = epsilon_from_history(projected, self.delta, self.accountant_name)
@@ -378,11 +417,19 @@ class FederatedPrivacy:
         """Every client whose data the adapter carries: this run's and those of a composed earlier run."""
         return {**self._past_clients, **self.clients}
 
-    def epsilon(self, name: str) -> float:
-        return epsilon_from_history(self._reported_clients()[name].history, self.delta, self.accountant_name)
+    def epsilon(self, name: str, client: ClientPrivacy | None = None) -> float:
+        """The client's epsilon from its history; recomputed only when the history changed since the last call
+        (with 1,000 clients and 10 per round, a round's log recomputes 10)."""
+        client = client if client is not None else self._reported_clients()[name]
+        history = tuple(client.history)
+        cached = self._epsilon_cache.get(name)
+        if cached is None or cached[0] != history:
+            cached = (history, epsilon_from_history(history, self.delta, self.accountant_name))
+            self._epsilon_cache[name] = cached
+        return cached[1]
 
     def max_epsilon(self) -> float:
-        return max((self.epsilon(name) for name in self._reported_clients()), default=0.0)
+        return max((self.epsilon(name, c) for name, c in self._reported_clients().items()), default=0.0)
 
     def report(self) -> dict[str, Any]:
         """Everything needed to re-derive each client's epsilon with an independent accountant."""
@@ -390,7 +437,7 @@ class FederatedPrivacy:
             return {"private": False, "unit": None, "epsilon": None, "clients": {}}
         clients = {
             name: {
-                "epsilon": self.epsilon(name),
+                "epsilon": self.epsilon(name, c),
                 "num_examples": c.num_examples,
                 "noise_multiplier": c.noise_multiplier,
                 "sample_rate": c.sample_rate,
@@ -409,6 +456,11 @@ class FederatedPrivacy:
             "accountant": self.accountant_name,
             "clip_norm": self.clip_norm,
             "noise_calibration": self.calibration if self.target_epsilon is not None else "fixed",
+            **(
+                {"calibration_grid_ratio": self.grid_ratio}
+                if self.calibration == GRID_CALIBRATION and self.target_epsilon is not None
+                else {}
+            ),
             # True when the sampling and noise came from a user's secret seed: then the guarantee holds only
             # while that seed stays secret. The seed itself is never recorded.
             "seeded": self.seeded,

@@ -1,0 +1,196 @@
+"""Large DP batches in small memory, and mixed precision under DP.
+
+A logical batch (per_device_train_batch_size x gradient_accumulation_steps) is one Poisson sample, one noise draw,
+one optimizer step and one accountant step, however many physical micro-batches it runs in.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import fed_args, tiny_peft, toy_dataset
+from torch import nn
+
+from hf_fedlora import FederatedTrainer, FFALoraConfig, LALoraConfig
+from hf_fedlora.privacy import FederatedPrivacy
+from hf_fedlora.privacy.dp_optimizer import ShapedNoiseDPOptimizer
+
+LOGICAL = 28
+
+
+def no_dropout(model: nn.Module) -> nn.Module:
+    """Dropout draws depend on how a batch is split; without it a split cannot change the gradients."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def run_split(tmp_path, config_cls, physical: int, n: int, local_steps: int = 3):
+    """One client, one round, a fixed secret seed: the trained adapter, the micro-batch sizes and the trainer."""
+    trainer = FederatedTrainer(
+        no_dropout(tiny_peft(config_cls)),
+        fed_args(
+            tmp_path / f"p{physical}",
+            num_rounds=1,
+            num_clients=1,
+            local_steps=local_steps,
+            per_device_train_batch_size=physical,
+            gradient_accumulation_steps=LOGICAL // physical,
+            optim="sgd",
+            learning_rate=0.5,
+            weight_decay=0.0,
+            dp_noise_multiplier=0.7,
+            dp_clip_norm=0.05,  # small: every example is clipped, so the sum of clipped gradients is what counts
+            dp_secret_seed=5,
+        ),
+        train_dataset=toy_dataset(n),
+    )
+    sizes: list[int] = []
+    backward = trainer._backward_batch
+
+    def recording(data, indices, loss_scale=1.0):
+        sizes.append(len(indices))
+        return backward(data, indices, loss_scale)
+
+    trainer._backward_batch = recording
+    trainer.train()
+    return {k: p.detach().clone() for k, p in trainer._adapter.items()}, sizes, trainer
+
+
+@pytest.mark.parametrize("config_cls", [FFALoraConfig, LALoraConfig])
+def test_whole_poisson_batch_in_1_2_and_7_micro_batches_gives_the_same_update(tmp_path, config_cls):
+    """Sample rate 1 (n = logical = 28): every step's batch is all 28 examples, run in 1, 2 or 7 micro-batches.
+    Same secret seed, same update to float tolerance; one accountant step per logical batch."""
+    results = {physical: run_split(tmp_path, config_cls, physical, n=LOGICAL) for physical in (28, 14, 4)}
+    reference, _, _ = results[28]
+    for physical, (adapter, sizes, trainer) in results.items():
+        assert sizes == [physical] * (3 * LOGICAL // physical)  # 3 steps of 28 // physical micro-batches
+        for key in reference:
+            torch.testing.assert_close(adapter[key], reference[key], rtol=1e-5, atol=1e-6)
+        client = trainer.privacy.clients["client_0"]
+        assert client.history == [(0.7, 1.0, 3)]  # q = 28 / 28, 3 logical steps, whatever the split
+    trained = results[28][0]
+    start = tiny_peft(config_cls)
+    assert any(not torch.equal(trained[k], p) for k, p in start.named_parameters() if k in trained)
+
+
+def test_poisson_sampled_logical_batches_split_the_same_way(tmp_path):
+    """q = 28 / 60: the secret sampler draws one batch per logical step (random sizes); split into micro-batches
+    of at most 28, 14 or 4 it gives the same update, and the accountant records q = logical / n."""
+    results = {physical: run_split(tmp_path, FFALoraConfig, physical, n=60, local_steps=4) for physical in (28, 14, 4)}
+    reference, sizes_28, _ = results[28]
+    for physical, (adapter, sizes, trainer) in results.items():
+        assert max(sizes) <= physical
+        assert sum(sizes) == sum(sizes_28)  # the same Poisson batches, only split differently
+        for key in reference:
+            torch.testing.assert_close(adapter[key], reference[key], rtol=1e-5, atol=1e-6)
+        assert trainer.privacy.clients["client_0"].history == [(0.7, LOGICAL / 60, 4)]
+    assert len(results[4][1]) >= 4 * 6  # every logical batch (~13 examples) took several micro-batches of 4
+
+
+def test_noise_is_added_once_per_logical_batch(tmp_path, monkeypatch):
+    """Noise is drawn once per logical step (for each trained tensor), not once per micro-batch."""
+    draws = []
+    noise = FederatedPrivacy.noise
+
+    def counting(*args, **kwargs):
+        draws.append(args[0])
+        return noise(*args, **kwargs)
+
+    monkeypatch.setattr(FederatedPrivacy, "noise", staticmethod(counting))
+    _, sizes, trainer = run_split(tmp_path, FFALoraConfig, 4, n=LOGICAL)
+    trained = [k for k, p in trainer._adapter.items() if p.requires_grad]
+    assert len(sizes) == 3 * 7
+    assert len(draws) == 3 * len(trained)
+
+
+def test_logical_batch_sets_the_planned_steps_and_the_record(tmp_path):
+    """local_epochs counts logical batches; the record's batch size is the logical (expected Poisson) batch."""
+    trainer = FederatedTrainer(
+        tiny_peft(FFALoraConfig),
+        fed_args(
+            tmp_path,
+            num_rounds=1,
+            num_clients=1,
+            local_steps=None,
+            local_epochs=1.0,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=5,
+            dp_noise_multiplier=1.0,
+        ),
+        train_dataset=toy_dataset(60),
+    )
+    trainer.train()
+    assert trainer.privacy.clients["client_0"].history == [(1.0, 20 / 60, 3)]  # 60 examples / 20 per step
+    record = trainer.federated_record()
+    assert (record["batch_size"], record["physical_batch_size"]) == (20, 4)
+
+
+def test_non_private_accumulation_matches_one_big_batch(tmp_path):
+    """Without DP, micro-batches accumulate to the logical batch's mean gradient (Trainer's convention)."""
+    adapters = []
+    for physical in (12, 3):
+        trainer = FederatedTrainer(
+            no_dropout(tiny_peft(FFALoraConfig)),
+            fed_args(
+                tmp_path / str(physical),
+                num_rounds=1,
+                num_clients=1,
+                local_steps=2,
+                per_device_train_batch_size=physical,
+                gradient_accumulation_steps=12 // physical,
+                optim="sgd",
+                learning_rate=0.5,
+            ),
+            train_dataset=toy_dataset(48),
+        )
+        trainer.train()
+        adapters.append({k: p.detach().clone() for k, p in trainer._adapter.items()})
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[1][key], adapters[0][key], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Mixed precision under DP
+# ----------------------------------------------------------------------------------------
+def test_bf16_dp_run_autocasts_the_forward_and_clips_and_noises_in_float32(tmp_path, monkeypatch):
+    """bf16=True on CPU: the forward runs in bf16 (autocast), and what decides the guarantee, per-example norms,
+    clipping, the noise and the update, is float32."""
+    seen: dict[str, set] = {"logits": set(), "norms": set(), "summed": set(), "noise": set(), "grad": set()}
+    clip = ShapedNoiseDPOptimizer.clip_and_accumulate
+    noise = FederatedPrivacy.noise
+
+    def recording_clip(self):
+        seen["norms"].update(g.dtype for g in self.grad_samples)  # what the per-example norms are computed from
+        clip(self)
+        seen["summed"].update(p.summed_grad.dtype for p in self.params)
+
+    def recording_noise(*args, **kwargs):
+        drawn = noise(*args, **kwargs)
+        seen["noise"].add(drawn.dtype)
+        return drawn
+
+    monkeypatch.setattr(ShapedNoiseDPOptimizer, "clip_and_accumulate", recording_clip)
+    monkeypatch.setattr(FederatedPrivacy, "noise", staticmethod(recording_noise))
+    trainer = FederatedTrainer(
+        tiny_peft(FFALoraConfig),
+        fed_args(
+            tmp_path, bf16=True, gradient_accumulation_steps=2, per_device_train_batch_size=4, dp_target_epsilon=8
+        ),
+        train_dataset=toy_dataset(64),
+    )
+    head = trainer.model.base_model.model.classifier.modules_to_save["default"]
+    head.register_forward_hook(lambda module, inputs, output: seen["logits"].add(output.dtype))
+    before = {k: p.detach().clone() for k, p in trainer._adapter.items()}
+    output = trainer.train()
+    assert seen["logits"] == {torch.bfloat16}
+    assert seen["norms"] == seen["summed"] == seen["noise"] == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in trainer._adapter.values())
+    assert any(not torch.equal(before[k], p) for k, p in trainer._adapter.items())
+    assert 0 < output.metrics["epsilon"] <= 8
+
+
+def test_fp16_is_refused_naming_bf16(tmp_path):
+    with pytest.raises(ValueError, match="fp16=True.*bf16=True"):
+        fed_args(tmp_path, fp16=True, use_cpu=False)
