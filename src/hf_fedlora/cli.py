@@ -81,7 +81,10 @@ class DemoTrainingArguments(FederatedTrainingArguments):
         default=8, metadata={"help": "Local steps per client per round (DEeR splits them among its sub-rounds)."}
     )
     partition: str = field(default="dirichlet", metadata={"help": "Partition of the tweets among clients."})
-    per_device_train_batch_size: int = field(default=32, metadata={"help": "Physical batch; under DP the expected Poisson batch is this x gradient_accumulation_steps."})
+    per_device_train_batch_size: int = field(
+        default=32,
+        metadata={"help": "Physical batch; under DP the expected Poisson batch is this x gradient_accumulation_steps."},
+    )
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
     learning_rate: float = field(
         default=default_learning_rate(DEMO_METHOD).value,
