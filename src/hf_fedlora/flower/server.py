@@ -190,8 +190,14 @@ class FlowerServer:
                 if upload is not None:
                     uploads.append(upload)
                     weights.append(self._weight(name))
-            if uploads:  # FederatedTrainer.apply_uploads: the method's aggregate, merged into the full state
-                self.global_state.update(self.method.aggregate(uploads, weights))
+            if uploads:  # as FederatedTrainer's round: streaming when the method offers it, else its aggregate
+                streaming = self.method.streaming_aggregator()
+                if streaming is None:
+                    self.global_state.update(self.method.aggregate(uploads, weights))
+                else:
+                    for upload, weight in zip(uploads, weights, strict=True):
+                        streaming.add(upload, weight)
+                    self.global_state.update(streaming.result())
         if client_unit:  # every client's accountant steps every round, sampled or not
             configs = {
                 name: {"action": "account", "plan-id": self.plan_id} for name in names if name not in participants
