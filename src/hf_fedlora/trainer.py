@@ -75,16 +75,7 @@ class FederatedTrainer(Trainer):
 
         self.method = config.build_method()
         self._adapter = adapter_parameters(self.model)
-        self.privacy = FederatedPrivacy(
-            target_epsilon=args.dp_target_epsilon,
-            target_delta=args.dp_target_delta,
-            noise_multiplier=args.dp_noise_multiplier,
-            clip_norm=args.dp_clip_norm,
-            accountant=args.dp_accountant,
-            calibration=args.dp_noise_calibration,
-            secret_seed=args.dp_secret_seed,
-            unit=args.dp_unit,
-        )
+        self.privacy = FederatedPrivacy.from_args(args)
         _check_data(self.model, config, self.client_datasets, self.eval_dataset, args.label_column)
         if self._per_example_dp:
             check_supported(self.model, set(self._adapter))

@@ -69,16 +69,7 @@ class FlowerServer:
         self.global_state = snapshot(self.adapter)
         args = self.args
         # Server-side privacy: only the client unit's secret participation sampling (and the run's settings).
-        self.privacy = FederatedPrivacy(
-            target_epsilon=args.dp_target_epsilon,
-            target_delta=args.dp_target_delta,
-            noise_multiplier=args.dp_noise_multiplier,
-            clip_norm=args.dp_clip_norm,
-            accountant=args.dp_accountant,
-            calibration=args.dp_noise_calibration,
-            secret_seed=args.dp_secret_seed,
-            unit=args.dp_unit,
-        )
+        self.privacy = FederatedPrivacy.from_args(args)
         self.plan_id = secrets.token_hex(8)  # which plan a client's ledger is on; a new run is a new plan
         self.nodes: dict[str, int] = {}  # client name -> current node id (a restarted SuperNode gets a new one)
         self.clients: dict[str, dict[str, Any]] = {}  # client name -> its public facts

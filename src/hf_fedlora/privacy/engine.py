@@ -115,6 +115,20 @@ class FederatedPrivacy:
         self.client_rate = 1.0  # client unit: the Poisson rate at which clients take part in a round
         self._recalibrate: set[str] = set()  # clients that spent more than planned (a crash): new noise on plan
 
+    @classmethod
+    def from_args(cls, args: Any) -> FederatedPrivacy:
+        """The engine a run's `FederatedTrainingArguments` describe (every driver builds it the same way)."""
+        return cls(
+            target_epsilon=args.dp_target_epsilon,
+            target_delta=args.dp_target_delta,
+            noise_multiplier=args.dp_noise_multiplier,
+            clip_norm=args.dp_clip_norm,
+            accountant=args.dp_accountant,
+            calibration=args.dp_noise_calibration,
+            secret_seed=args.dp_secret_seed,
+            unit=args.dp_unit,
+        )
+
     @property
     def enabled(self) -> bool:
         return self.target_epsilon is not None or self.fixed_noise_multiplier is not None
