@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[5e-3, 2e-2, 5e-2])
     parser.add_argument("--epsilon", type=float, default=8.0, help="Target epsilon per client (the demo's).")
     parser.add_argument("--validation_size", type=int, default=500, help="Tweets carved from the training split.")
+    parser.add_argument("--name", default="lr_sweep", help="Results file name under benchmarks/results/.")
     own, rest = parser.parse_known_args(argv)
     args = utility_args([*DEMO_SETTING, *rest])  # flags given here win over the demo setting
     quiet()
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(["method", "lr", "val accuracy", "val macro-F1", "eps spent", "s", ""], rows))
     settings = {**vars(args), **vars(own), "validation_from": "training split", "split_seed": args.data_seed}
     chosen = {m: r["learning_rate"] for m, r in best.items()}
-    path = write_results("lr_sweep", {"settings": settings, "chosen": chosen, "runs": runs})
+    path = write_results(own.name, {"settings": settings, "chosen": chosen, "runs": runs})
     print(f"chosen: {chosen}\nwrote {path}")
 
 

@@ -90,7 +90,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6, help="Communication rounds.")
     parser.add_argument("--local_steps", type=int, default=5, help="Local steps per client per round.")
-    parser.add_argument("--batch_size", type=int, default=32, help="(Expected, under DP) batch size of a step.")
+    parser.add_argument(
+        "--batch_size", type=int, default=32, help="Logical (expected, under DP) batch of one optimizer step."
+    )
+    parser.add_argument(
+        "--physical_batch_size",
+        type=int,
+        default=None,
+        help="Micro-batch that fits in memory (default: the logical batch); must divide --batch_size.",
+    )
     parser.add_argument("--clients", type=int, default=8, help="Clients; all take part in every round.")
     parser.add_argument("--dirichlet_alpha", type=float, default=0.5, help="Label skew of the partition.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -130,6 +138,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
     args.name = "utility_quick" if args.quick else "utility"
+    if args.physical_batch_size is None:
+        args.physical_batch_size = args.batch_size
+    if args.batch_size % args.physical_batch_size:
+        parser.error(f"--physical_batch_size {args.physical_batch_size} must divide --batch_size {args.batch_size}")
     args.learning_rates = {**DEFAULT_LRS, **dict(args.lr)}
     unknown = set(args.learning_rates) - {*METHODS, CEILING}
     if unknown:
@@ -208,7 +220,8 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
             local_steps=steps,
             partition="dirichlet",
             dirichlet_alpha=args.dirichlet_alpha,
-            per_device_train_batch_size=args.batch_size,
+            per_device_train_batch_size=args.physical_batch_size,
+            gradient_accumulation_steps=args.batch_size // args.physical_batch_size,
             per_device_eval_batch_size=128,
             learning_rate=lr,
             dp_target_epsilon=epsilon,
@@ -272,7 +285,8 @@ def run_centralised(seed: int, lr: float, task, args) -> dict[str, Any]:
             output_dir=output_dir,
             seed=seed,
             max_steps=steps,
-            per_device_train_batch_size=args.batch_size,
+            per_device_train_batch_size=args.physical_batch_size,
+            gradient_accumulation_steps=args.batch_size // args.physical_batch_size,
             per_device_eval_batch_size=128,
             learning_rate=lr,
             lr_scheduler_type="constant",  # the federated trainer's optimizer has no schedule either
