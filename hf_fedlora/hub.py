@@ -235,7 +235,7 @@ def _template_text() -> str:
     try:
         return (resources.files("hf_fedlora.model_cards") / TEMPLATE_NAME).read_text(encoding="utf-8")
     except (ModuleNotFoundError, FileNotFoundError):
-        path = Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
+        path = Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE_NAME
         return path.read_text(encoding="utf-8")
 
 
