@@ -72,18 +72,25 @@ class DemoArguments:
 
 @dataclass
 class DemoTrainingArguments(FederatedTrainingArguments):
-    """The demo's defaults: 6 Dirichlet-skewed clients under (8, 1e-6)-DP per example, minutes on 2 cores."""
+    """The demo's defaults: 8 Dirichlet(0.5) clients under (8, 1e-6)-DP per example, minutes on 2 cores.
+
+    The recipe (logical batch 128 = 64 x 2 micro-batches, 6 rounds x 4 local steps) was chosen on validation
+    tweets carved from the training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md, section 7).
+    """
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Results, plots and one adapter per method."})
-    num_rounds: int = field(default=8, metadata={"help": "Communication rounds."})
-    num_clients: int | None = field(default=6, metadata={"help": "Clients."})
+    num_rounds: int = field(default=6, metadata={"help": "Communication rounds."})
+    num_clients: int | None = field(default=8, metadata={"help": "Clients."})
     local_steps: int | None = field(
-        default=8, metadata={"help": "Local steps per client per round (DEeR splits them among its sub-rounds)."}
+        default=4, metadata={"help": "Local steps per client per round (DEeR splits them among its sub-rounds)."}
     )
     partition: str = field(default="dirichlet", metadata={"help": "Partition of the tweets among clients."})
     per_device_train_batch_size: int = field(
-        default=32,
+        default=64,
         metadata={"help": "Physical batch; under DP the expected Poisson batch is this x gradient_accumulation_steps."},
+    )
+    gradient_accumulation_steps: int = field(
+        default=2, metadata={"help": "Micro-batches per optimizer step (logical batch = physical x this)."}
     )
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
     learning_rate: float = field(
@@ -336,10 +343,15 @@ def _estimate_seconds(plan: DemoPlan, args: DemoTrainingArguments, clients: int,
         private = budget is not None or args.dp_noise_multiplier is not None
         for method in plan.methods:
             steps = args.num_rounds * plan.sub_rounds[method] * plan.steps_per_sub_round[method] * clients
-            total += steps * args.per_device_train_batch_size * SECONDS_PER_TRAIN_EXAMPLE
+            total += steps * _logical_batch(args) * SECONDS_PER_TRAIN_EXAMPLE
             total += (args.num_rounds + 1) * eval_examples * SECONDS_PER_EVAL_EXAMPLE
             total += clients * SECONDS_PER_CALIBRATION if budget is not None and private else 0.0
     return total
+
+
+def _logical_batch(args: DemoTrainingArguments) -> int:
+    """Examples of one optimizer step (under DP, the expected Poisson batch): physical x accumulation."""
+    return args.per_device_train_batch_size * args.gradient_accumulation_steps
 
 
 def _minutes(seconds: float) -> str:
@@ -488,9 +500,10 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
     )
     split = [f"{m}: {plan.sub_rounds[m]} sub-rounds x {plan.steps_per_sub_round[m]}" for m in plan.methods
              if plan.sub_rounds[m] > 1]  # fmt: skip
-    batch = args.per_device_train_batch_size
+    batch = _logical_batch(args)
     print(
-        f"  budget: {args.num_rounds} rounds x {args.local_steps} local steps x batch {batch} = "
+        f"  budget: {args.num_rounds} rounds x {args.local_steps} local steps x batch {batch} "
+        f"({args.per_device_train_batch_size} x {args.gradient_accumulation_steps} micro-batches) = "
         f"{args.num_rounds * args.local_steps * batch} examples per client per run"
         + (f" ({'; '.join(split)} steps)" if split else "")
     )
@@ -545,7 +558,7 @@ def _notes(demo, args, plan: DemoPlan, clients: dict[str, int]) -> list[str]:
         f"all-MiniLM-L6-v2, LoRA r={demo.lora_r} alpha={demo.lora_alpha} on query/value + classifier head; "
         f"{len(clients)} clients ({args.partition}, alpha={args.dirichlet_alpha}), seed {args.seed}.",
         f"Same example budget for every method: {args.num_rounds} rounds x {args.local_steps} local steps x batch "
-        f"{args.per_device_train_batch_size} per client (methods with sub-rounds split the local steps).",
+        f"{_logical_batch(args)} per client (methods with sub-rounds split the local steps).",
         f"Privacy: {_privacy_text(args, plan)}; epsilon = the largest over clients, rounded up.",
         "MB up/client: adapter tensors each client sent over the run (mean over clients, 10^6 bytes).",
         f"Accuracy and macro-F1 on {demo.max_eval_examples} test tweets after the last round.",
