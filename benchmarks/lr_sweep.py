@@ -3,9 +3,9 @@
 A validation split is carved from the training tweets (stratified, fixed seed); the federation trains on the
 rest and each (method, rate) run is scored on the validation split. Runs use utility.py's `run_federated`
 (same example budget for every method: DEeR splits its local steps between its two sub-rounds) in the demo's
-setting: 6 Dirichlet-skewed clients, target (8, 1e-6) per client, unit one example. Short runs (2 rounds x
-4 local steps by default): they rank rates, they do not predict the demo's final accuracy. One seed; the DP
-noise comes from OS entropy, so reruns differ by a point or two. The chosen rates go, with this command and
+setting (utility.py's defaults, the recipe): 8 Dirichlet(0.5) clients, logical batch 128 in micro-batches of 64,
+6 rounds x 4 local steps, target (8, 1e-6) per client, unit one example; any utility.py flag changes it. One seed; the
+DP noise comes from OS entropy, so reruns differ by a point or two. The chosen rates go, with this command and
 its numbers, into `hf_fedlora.comparison.DEFAULT_LEARNING_RATES`.
 
     .venv/bin/python benchmarks/lr_sweep.py                                   # rolora, deer, la_lora x 3 rates
@@ -27,7 +27,7 @@ from utility import run_federated
 
 from hf_fedlora.cli import DemoArguments, load_tweet_task
 
-DEMO_SETTING = ["--clients", "6", "--delta", "1e-6", "--rounds", "2", "--local_steps", "4", "--seeds", "0"]
+DEMO_SETTING = ["--seeds", "0"]  # otherwise utility.py's defaults: the recipe the demo also uses
 
 
 def main(argv: list[str] | None = None) -> None:

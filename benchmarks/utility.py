@@ -89,15 +89,15 @@ def parse_lr(text: str) -> tuple[str, float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6, help="Communication rounds.")
-    parser.add_argument("--local_steps", type=int, default=5, help="Local steps per client per round.")
+    parser.add_argument("--local_steps", type=int, default=4, help="Local steps per client per round.")
     parser.add_argument(
-        "--batch_size", type=int, default=32, help="Logical (expected, under DP) batch of one optimizer step."
+        "--batch_size", type=int, default=128, help="Logical (expected, under DP) batch of one optimizer step."
     )
     parser.add_argument(
         "--physical_batch_size",
         type=int,
         default=None,
-        help="Micro-batch that fits in memory (default: the logical batch); must divide --batch_size.",
+        help="Micro-batch that fits in memory (default: 64, or the logical batch when smaller); divides --batch_size.",
     )
     parser.add_argument("--clients", type=int, default=8, help="Clients; all take part in every round.")
     parser.add_argument("--dirichlet_alpha", type=float, default=0.5, help="Label skew of the partition.")
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_eval", type=int, default=1000, help="Fixed test tweets the runs are scored on.")
     parser.add_argument("--max_train", type=int, default=None, help="Subsample the training tweets (default all).")
     parser.add_argument("--data_seed", type=int, default=0, help="Seed of the train/test split (fixed across runs).")
-    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--delta", type=float, default=1e-6)
     parser.add_argument("--clip_norm", type=float, default=1.0, help="Per-example clipping norm under DP.")
     parser.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
     parser.add_argument("--lora_r", type=int, default=8)
@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     args.name = "utility_quick" if args.quick else "utility"
     if args.physical_batch_size is None:
-        args.physical_batch_size = args.batch_size
+        args.physical_batch_size = min(64, args.batch_size)
     if args.batch_size % args.physical_batch_size:
         parser.error(f"--physical_batch_size {args.physical_batch_size} must divide --batch_size {args.batch_size}")
     args.learning_rates = {**DEFAULT_LRS, **dict(args.lr)}
