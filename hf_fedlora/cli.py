@@ -33,13 +33,13 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_EPSILON = 8.0  # the demo's target when no budget is given
 DEMO_METHOD = "ffa_lora"
 
-# Rough cost model for the first screen's estimate, fitted to the README's measured FFA-LoRA demo (8 rounds x 8
-# steps x batch 32 x 6 clients, 1000 test tweets, about 4 minutes on 2 CPU cores): ~0.004 s per evaluated tweet,
-# ~8 s of PRV calibration per client, the rest training. Not measured per method; scaled by this machine's
-# first evaluation. Refit from the seconds in results.json.
-SECONDS_PER_EVAL_EXAMPLE = 0.004
-SECONDS_PER_TRAIN_EXAMPLE = 0.0125
-SECONDS_PER_CALIBRATION = 8.0
+# Rough cost model for the first screen's estimate, refitted 2026-11-23 on the 2-core CPU machine (2 torch threads,
+# otherwise idle) from the default recipe's first LoRA rounds (logical batch 128 in micro-batches of 64, 8 clients):
+# ~0.0225 s per DP training example, ~0.011 s per evaluated tweet, ~2 s of PRV calibration per client. Not measured
+# per method; scaled by this machine's first evaluation. Refit from the seconds in results.json.
+SECONDS_PER_EVAL_EXAMPLE = 0.011
+SECONDS_PER_TRAIN_EXAMPLE = 0.0225
+SECONDS_PER_CALIBRATION = 2.0
 
 
 @dataclass
