@@ -132,12 +132,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Methods with k sub-rounds per round: split local_steps among them (same examples) or run each.",
     )
     parser.add_argument("--resume", action="store_true", help="Skip cells already in the results file.")
+    parser.add_argument("--name", default=None, help="Results file name under benchmarks/results/ (default utility).")
     parser.add_argument("--quick", action="store_true", help=f"Smoke run {QUICK}; writes utility_quick.*")
     args = parser.parse_args(argv)
     if args.quick:  # the preset replaces the defaults; flags given explicitly still win
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
-    args.name = "utility_quick" if args.quick else "utility"
+    args.name = args.name or ("utility_quick" if args.quick else "utility")
     if args.physical_batch_size is None:
         args.physical_batch_size = min(64, args.batch_size)
     if args.batch_size % args.physical_batch_size:
