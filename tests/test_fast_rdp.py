@@ -52,3 +52,18 @@ def test_prv_epsilon_is_opacus_prv_epsilon(history):
 
 def test_the_engine_uses_this_accountant():
     assert isinstance(make_accountant("prv"), PRVAccountant)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize(("sample_rate", "steps"), [(0.02, 120), (0.56, 24)])
+def test_calibration_gives_opacus_noise_multiplier(accountant, sample_rate, steps):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from hf_fedlora.privacy.calibration import _bisect_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = get_noise_multiplier(
+            target_epsilon=8.0, target_delta=1e-6, sample_rate=sample_rate, steps=steps, accountant=accountant
+        )
+    assert _bisect_noise_multiplier(8.0, 1e-6, sample_rate, steps, accountant) == expected

@@ -6,8 +6,6 @@ import functools
 import math
 from collections.abc import Iterable
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from .accountants import epsilon_from_history
 
 
@@ -36,13 +34,7 @@ def calibrate_noise_multiplier(
         if prior_history:
             sigma = _search_with_prior(target_epsilon, target_delta, sample_rate, steps, accountant, prior_history)
         else:
-            sigma = get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=target_delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-            )
+            sigma = _bisect_noise_multiplier(target_epsilon, target_delta, sample_rate, steps, accountant)
     except ValueError as error:
         raise ValueError(
             f"dp_target_epsilon={target_epsilon} with dp_target_delta={target_delta} cannot be reached at "
@@ -55,6 +47,27 @@ def calibrate_noise_multiplier(
             f"dp_target_epsilon={target_epsilon} (sample rate {sample_rate:.4g}, {steps} steps, {accountant})"
         )
     return float(sigma)
+
+
+def _bisect_noise_multiplier(
+    target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Opacus's `get_noise_multiplier` search, step for step (same bracket, tolerance 0.01 and result), but
+    through our accountants (`accountants.py`: the same epsilons, PRV's domain bound ~4x faster)."""
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        sigma_high = 2 * sigma_high
+        eps_high = epsilon_from_history([(sigma_high, sample_rate, steps)], target_delta, accountant)
+        if sigma_high > 1e6:  # Opacus's MAX_SIGMA
+            raise ValueError("The privacy budget is too low.")
+    while target_epsilon - eps_high > 0.01:
+        sigma = (sigma_low + sigma_high) / 2
+        eps = epsilon_from_history([(sigma, sample_rate, steps)], target_delta, accountant)
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return sigma_high
 
 
 def _search_with_prior(
