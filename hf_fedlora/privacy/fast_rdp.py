@@ -94,6 +94,7 @@ def _rdp_one_step(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarr
 
 def compute_rdp(*, q: float, noise_multiplier: float, steps: int, orders: Sequence[float]) -> np.ndarray:
     """Drop-in for `opacus.accountants.analysis.rdp.compute_rdp` with a list of orders."""
+    # `* steps` returns a new array: the cached one never leaves this module.
     return _rdp_one_step(float(q), float(noise_multiplier), tuple(float(a) for a in orders)) * steps
 
 
