@@ -7,13 +7,16 @@ logical batches run in physical micro-batches of 32 on MiniLM.
 * `rounds`: a DP `FederatedTrainer` run (tiny BERT, fixed noise multiplier 1.0 so no calibration, PRV accountant
   for the epsilon log) with K Dirichlet-sized clients, 10 per round, 2 local steps of logical batch 16. Per
   round: wall time of the round and its log, against the clients' own local_round time; the overhead is the rest
-  (server aggregation, epsilon log over all K clients, bookkeeping).
+  (server aggregation, the epsilon log of the round's participants when the round is logged, bookkeeping).
+  `--logging_steps N` logs the epsilon spent every N rounds (Trainer's cadence; 1: every round; 0: only after the
+  last round, which the median round does not see).
 * `logical`: one MiniLM client, one DP step of logical batch L (q = L / 2L) in physical micro-batches of 32.
 
 Each (part, size) runs in its own subprocess so peak RSS (`ru_maxrss`) does not mix.
 
     .venv/bin/python benchmarks/scale.py --part plan --sizes 10 100 1000
-    .venv/bin/python benchmarks/scale.py --part rounds --sizes 10 100 1000
+    .venv/bin/python benchmarks/scale.py --part rounds --sizes 10 100 1000 --logging_steps 1
+    .venv/bin/python benchmarks/scale.py --part rounds --sizes 10 100 1000 --logging_steps 10
     .venv/bin/python benchmarks/scale.py --part logical --sizes 32 256 1024
 """
 
@@ -85,7 +88,8 @@ def plan(num_clients: int) -> dict:
     }
 
 
-def rounds(num_clients: int, num_rounds: int = 4) -> dict:
+def rounds(num_clients: int, logging_steps: int = 1) -> dict:
+    num_rounds = max(4, 2 * logging_steps)
     from common import random_token_dataset
     from peft import get_peft_model
 
@@ -110,7 +114,8 @@ def rounds(num_clients: int, num_rounds: int = 4) -> dict:
         disable_tqdm=True,
         use_cpu=True,
         save_strategy="no",
-        logging_strategy="no",
+        logging_strategy="steps" if logging_steps else "no",
+        logging_steps=logging_steps or 1,
     )
     started = time.perf_counter()
     trainer = FederatedTrainer(model, args, train_dataset=clients)
@@ -139,6 +144,7 @@ def rounds(num_clients: int, num_rounds: int = 4) -> dict:
     overhead = [t - c for t, c in zip(total, client, strict=True)]
     return {
         "clients": num_clients,
+        "logging_steps": logging_steps,
         "setup_seconds": setup_seconds,
         "train_seconds": train_seconds,
         "plan_and_start_seconds": train_seconds - sum(total),
@@ -147,6 +153,7 @@ def rounds(num_clients: int, num_rounds: int = 4) -> dict:
         "overhead_seconds_median": float(np.median(overhead)),
         "epsilon_log_seconds": timings["log"],
         "overhead_ratio_median": float(np.median([o / c for o, c in zip(overhead, client, strict=True)])),
+        "overhead_ratio_mean": float(sum(overhead) / sum(client)),  # logged rounds included
         "peak_mib": peak_mib(),
     }
 
@@ -204,22 +211,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=sorted(PARTS), required=True)
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="client counts, or logical batches")
+    parser.add_argument("--logging_steps", type=int, default=1, help="rounds: epsilon logged every N rounds (0: end)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         quiet()
         torch.set_num_threads(2)
-        print(json.dumps(PARTS[args.part](args.sizes[0])))
+        extra = {"logging_steps": args.logging_steps} if args.part == "rounds" else {}
+        print(json.dumps(PARTS[args.part](args.sizes[0], **extra)))
         return
     results = []
     for size in args.sizes:
         command = [sys.executable, __file__, "--part", args.part, "--sizes", str(size), "--child"]
+        command += ["--logging_steps", str(args.logging_steps)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(json.dumps(results[-1]))
     headers = [key for key, value in results[0].items() if not isinstance(value, list)]
     print(format_table(headers, [[result[key] for key in headers] for result in results]))
-    write_results(f"scale_{args.part}", {"results": results})
+    suffix = f"_logging_steps_{args.logging_steps}" if args.part == "rounds" else ""
+    write_results(f"scale_{args.part}{suffix}", {"results": results})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, Value
 from peft import PeftModel
 from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
@@ -381,6 +381,8 @@ class FederatedTrainer(Trainer):
             optimizer.zero_grad(set_to_none=True)
             return None
         size = self.args.per_device_train_batch_size
+        if self._per_example_dp and len(indices) > size:
+            indices = self._sorted_by_length(data, indices)
         micro_batches = [indices[start : start + size] for start in range(0, len(indices), size)]
         loss = 0.0
         for position, micro_batch in enumerate(micro_batches):
@@ -397,6 +399,17 @@ class FederatedTrainer(Trainer):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss / len(indices)
+
+    def _sorted_by_length(self, data: Dataset, indices: list[int]) -> list[int]:
+        """The logical batch ordered by sequence length, so each micro-batch pads only to its own longest example
+        (Trainer's group_by_length, inside one step). Under DP this changes nothing but the padding: each example's
+        gradient is its own, and only their clipped sum leaves the step. Inputs of one shape (images) stay put."""
+        column = getattr(self.model, "main_input_name", "input_ids")
+        feature = data.features.get(column) if data.features else None
+        if feature is None or not isinstance(getattr(feature, "feature", None), Value):
+            return indices  # not a 1-D token sequence
+        lengths = [len(row) for row in data.select_columns([column])[indices][column]]
+        return [index for _, index in sorted(zip(lengths, indices, strict=True), key=lambda pair: pair[0])]
 
     def _backward_batch(self, data: Dataset, indices: list[int], loss_scale: float = 1.0) -> float:
         """Forward and backward of one (micro-)batch; returns its mean loss. Under DP each example's own loss is
@@ -594,11 +607,27 @@ class FederatedTrainer(Trainer):
             logs["clients"] = len(participants)
         if losses:
             logs["train_loss"] = float(np.mean(losses))
-        if self.privacy.enabled:
+        if self.privacy.enabled and self._epsilon_logged(round_index + 1):
             logs["epsilon"] = self.privacy.max_epsilon()
             logs["delta"] = self.privacy.delta
         self._round_history.append(dict(logs))
         self.log(logs)
+
+    def _epsilon_logged(self, rounds_done: int) -> bool:
+        """Whether this round's log carries the epsilon spent so far: at Trainer's logging cadence (a round is a
+        step: `logging_steps` rounds, every round for "epoch", never for "no") and always after the last round.
+        An accountant call per participant costs ~0.1 s, more than a small model's round; the accountant records
+        every step either way, and `privacy_report()` gives the epsilon spent at any time."""
+        if rounds_done >= self.args.num_rounds:
+            return True
+        strategy = str(getattr(self.args.logging_strategy, "value", self.args.logging_strategy))
+        if strategy == "epoch":
+            return True
+        every = self.args.logging_steps
+        if strategy != "steps" or not every:
+            return False
+        every = max(1, math.ceil(every * self.args.num_rounds) if every < 1 else int(every))  # a ratio, as Trainer
+        return rounds_done % every == 0
 
     def _privacy_summary(self) -> str:
         parts = [

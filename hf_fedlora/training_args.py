@@ -27,7 +27,8 @@ class FederatedTrainingArguments(TrainingArguments):
     `weight_decay`, `eval_strategy`-free evaluation (`eval_every_rounds`), `report_to`,
     `seed` and `output_dir` apply. `num_train_epochs` and `max_steps` are not used: the
     length of a run is `num_rounds` x local steps. `save_strategy`/`save_steps` count rounds
-    ("epoch" = every round); each checkpoint holds the global adapter, its card and the run's
+    ("epoch" = every round), and so does `logging_steps` (default 1: the epsilon spent is logged every round;
+    rounds not logged skip the accountant call); each checkpoint holds the global adapter, its card and the run's
     record. With `push_to_hub`, `hub_strategy="end"` pushes on `save_model()`/`push_to_hub()`
     only; any other strategy also pushes the global adapter at every checkpoint (checkpoint
     folders themselves are not pushed).
@@ -35,6 +36,13 @@ class FederatedTrainingArguments(TrainingArguments):
 
     # --- federation -------------------------------------------------------------------
     num_rounds: int = field(default=10, metadata={"help": "Communication rounds."})
+    logging_steps: float = field(
+        default=1,
+        metadata={
+            "help": "Rounds between logs of the epsilon spent so far (a round is a step; < 1: a ratio of "
+            "num_rounds). The last round always logs it."
+        },
+    )
     num_clients: int | None = field(
         default=None,
         metadata={

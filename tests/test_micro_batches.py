@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import fed_args, tiny_peft, toy_dataset
+from datasets import Dataset
+from tiny import VOCAB, fed_args, tiny_peft, toy_dataset
 from torch import nn
 
 from hf_fedlora import FederatedTrainer, FFALoraConfig, LALoraConfig
@@ -87,6 +88,70 @@ def test_poisson_sampled_logical_batches_split_the_same_way(tmp_path):
             torch.testing.assert_close(adapter[key], reference[key], rtol=1e-5, atol=1e-6)
         assert trainer.privacy.clients["client_0"].history == [(0.7, LOGICAL / 60, 4)]
     assert len(results[4][1]) >= 4 * 6  # every logical batch (~13 examples) took several micro-batches of 4
+
+
+def varied_length_dataset(n: int, seed: int = 0) -> Dataset:
+    """Unpadded token sequences of 1 to 24 tokens (the collator pads each micro-batch to its own longest)."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 25, (n,), generator=generator).tolist()
+    ids = [torch.randint(1, VOCAB, (length,), generator=generator).tolist() for length in lengths]
+    return Dataset.from_dict({"input_ids": ids, "label": [row[0] * 2 // VOCAB for row in ids]})
+
+
+def pad_to_longest(features: list[dict]) -> dict[str, torch.Tensor]:
+    width = max(len(f["input_ids"]) for f in features)
+    return {
+        "input_ids": torch.tensor([f["input_ids"] + [0] * (width - len(f["input_ids"])) for f in features]),
+        "attention_mask": torch.tensor(
+            [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
+        ),
+        "labels": torch.tensor([f["label"] for f in features]),
+    }
+
+
+def test_dp_micro_batches_are_grouped_by_length_without_changing_the_update(tmp_path):
+    """Under DP a logical batch of unpadded sequences is sorted by length before it is split, so each micro-batch
+    pads to its own longest example; the update equals the one-micro-batch update (each example's gradient is its
+    own), and fewer padded tokens are processed."""
+    widths: dict[int, list[list[int]]] = {}
+    adapters = {}
+    for physical in (28, 7):
+        trainer = FederatedTrainer(
+            no_dropout(tiny_peft(FFALoraConfig)),
+            fed_args(
+                tmp_path / f"len{physical}",
+                num_rounds=1,
+                num_clients=1,
+                local_steps=2,
+                per_device_train_batch_size=physical,
+                gradient_accumulation_steps=LOGICAL // physical,
+                optim="sgd",
+                learning_rate=0.5,
+                dp_noise_multiplier=0.7,
+                dp_clip_norm=0.05,
+                dp_secret_seed=5,
+            ),
+            train_dataset=varied_length_dataset(LOGICAL),
+            data_collator=pad_to_longest,
+        )
+        backward = trainer._backward_batch
+        seen = widths.setdefault(physical, [])
+
+        def recording(data, indices, loss_scale=1.0, backward=backward, seen=seen):
+            seen.append([len(data[i]["input_ids"]) for i in indices])
+            return backward(data, indices, loss_scale)
+
+        trainer._backward_batch = recording
+        trainer.train()
+        adapters[physical] = {k: p.detach().clone() for k, p in trainer._adapter.items()}
+    for key in adapters[28]:
+        torch.testing.assert_close(adapters[7][key], adapters[28][key], rtol=1e-5, atol=1e-6)
+    for step in range(2):  # 4 micro-batches per step, in increasing length
+        micro = widths[7][4 * step : 4 * step + 4]
+        assert all(max(a) <= min(b) for a, b in zip(micro, micro[1:], strict=False))
+    padded_sorted = sum(len(m) * max(m) for m in widths[7])
+    padded_whole = sum(len(m) * max(m) for m in widths[28])
+    assert padded_sorted < 0.8 * padded_whole
 
 
 def test_noise_is_added_once_per_logical_batch(tmp_path, monkeypatch):

@@ -157,3 +157,35 @@ def test_grid_calibration_through_the_trainer_is_recorded_and_on_the_card(tmp_pa
     trainer.save_model()
     card = (tmp_path / CARD_NAME).read_text()
     assert "geometric grid of sample rates and step counts" in card
+
+
+@pytest.mark.parametrize(
+    ("strategy", "steps", "logged_rounds"),
+    [("steps", 1, [1, 2, 3, 4, 5, 6]), ("steps", 2, [2, 4, 6]), ("steps", 0.5, [3, 6]), ("no", 1, [6])],
+)
+def test_round_epsilon_follows_the_logging_cadence_and_the_final_one_is_what_was_spent(
+    tmp_path, strategy, steps, logged_rounds
+):
+    """The epsilon spent so far is logged at Trainer's cadence (a round is a step) and always after the last
+    round; rounds not logged skip the accountant call, and the final epsilon is the accountant's over all steps."""
+    trainer = FederatedTrainer(
+        tiny_peft(FFALoraConfig),
+        fed_args(
+            tmp_path,
+            num_rounds=6,
+            local_steps=1,
+            dp_noise_multiplier=1.0,
+            logging_strategy=strategy,
+            logging_steps=steps,
+        ),
+        train_dataset=toy_dataset(64),
+    )
+    trainer.train()
+    history = trainer.federated_record()["round_history"]
+    assert [entry["round"] for entry in history if "epsilon" in entry] == logged_rounds
+    assert history[-1]["epsilon"] == trainer.privacy.max_epsilon() == trainer.privacy_report()["epsilon"]
+    independent = max(
+        independent_rdp_epsilon(1.0, c.sample_rate, 6, trainer.privacy.delta) for c in trainer.privacy.clients.values()
+    )
+    assert all(sum(n for _, _, n in c.history) == 6 for c in trainer.privacy.clients.values())  # no step unaccounted
+    assert history[-1]["epsilon"] == pytest.approx(independent, rel=0.02)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
 from opacus.accountants import IAccountant, RDPAccountant
 from opacus.accountants import PRVAccountant as OpacusPRVAccountant
-from opacus.accountants.analysis.prv import Domain
+from opacus.accountants.analysis.prv import (
+    Domain,
+    PoissonSubsampledGaussianPRV,
+    TruncatedPrivacyRandomVariable,
+    compose_heterogeneous,
+    discretize,
+)
+from scipy import integrate
+from scipy.special import erfc
 
 from .fast_rdp import rdp_epsilon
 
@@ -21,6 +30,14 @@ class PRVAccountant(OpacusPRVAccountant):
     `compute_safe_domain_size` and `_get_domain`). That bound was 95% of a PRV epsilon's time; with it vectorised a
     PRV epsilon is ~2-4x faster (measured on 12 planning-like histories).
     """
+
+    def _get_dprv(self, eps_error, delta_error):
+        """Opacus's `_get_dprv` line for line, with `ScalarMeanPRV` for the truncated PRVs."""
+        prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in self.history]
+        num_self_compositions = [steps for _, _, steps in self.history]
+        domain = self._get_domain(prvs, num_self_compositions, eps_error, delta_error)
+        dprvs = [discretize(ScalarMeanPRV(prv, domain.t_min, domain.t_max), domain) for prv in prvs]
+        return compose_heterogeneous(dprvs=dprvs, num_self_compositions=num_self_compositions)
 
     def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
         total = sum(num_self_compositions)
@@ -37,6 +54,60 @@ class PRVAccountant(OpacusPRVAccountant):
         size = max(bound, eps_error) + 3
         mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
         return Domain.create_aligned(-size, size, mesh_size)
+
+
+class ScalarMeanPRV(TruncatedPrivacyRandomVariable):
+    """Opacus's truncated PRV whose `mean()` (scipy `quad`, ~1,400 scalar cdf calls per PRV) evaluates the same
+    cdf formula on Python floats instead of 0-d numpy arrays: ~10x faster, the same integral (tested equal to
+    Opacus's epsilon). The mean was ~90% of a PRV epsilon's time after `fast_rdp`."""
+
+    def __init__(self, prv: PoissonSubsampledGaussianPRV, t_min: float, t_max: float) -> None:
+        super().__init__(prv, t_min, t_max)
+        q = prv.sample_rate
+        with np.errstate(divide="ignore"):
+            self._threshold = float(np.log(1 - q))  # -inf when q = 1
+        self._cdf_t_min = float(prv.cdf(t_min))
+        self._mass = float(self._remaining_mass)
+
+    def _scalar_prv_cdf(self, t: float) -> float:
+        if not t > self._threshold:
+            return 0.0
+        q, sigma = self._prv.sample_rate, self._prv.noise_multiplier
+        exp_t = math.exp(t) if t < 709.0 else float(np.exp(t))  # numpy's inf, not OverflowError
+        ratio = (exp_t + q - 1) / q  # rounding can leave it <= 0 just above the threshold; as numpy does:
+        z = math.log(ratio) if ratio > 0 else (-math.inf if ratio == 0 else math.nan)
+        scale = 2 * math.sqrt(2) * sigma
+        return (
+            -q * float(erfc((2 * z * sigma**2 - 1) / scale)) / 2
+            - (1 - q) * float(erfc((2 * z * sigma**2 + 1) / scale)) / 2
+            + 1.0
+        )
+
+    def _scalar_cdf(self, t: float) -> float:
+        if t < self.t_min:
+            return 0.0
+        if t < self.t_max:
+            return (self._scalar_prv_cdf(t) - self._cdf_t_min) / self._mass
+        return 1.0
+
+    def mean(self) -> float:
+        """Opacus's `TruncatedPrivacyRandomVariable.mean`, integrating the scalar cdf."""
+        lower_exponent = int(np.log10(np.abs(self.t_min)))
+        upper_exponent = int(np.log10(self.t_max))
+        points = np.concatenate(
+            [
+                [self.t_min],
+                -np.logspace(start=lower_exponent, stop=-5, num=10),
+                [0],
+                np.logspace(start=-5, stop=upper_exponent, num=10),
+                [self.t_max],
+            ]
+        )
+        mean = 0.0
+        for left, right in zip(points[:-1], points[1:], strict=False):
+            integral, _ = integrate.quad(self._scalar_cdf, left, right, limit=500)
+            mean += right * self.cdf(right) - left * self.cdf(left) - integral
+        return mean
 
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant}
