@@ -616,7 +616,8 @@ class FederatedTrainer(Trainer):
     def _epsilon_logged(self, rounds_done: int) -> bool:
         """Whether this round's log carries the epsilon spent so far: at Trainer's logging cadence (a round is a
         step: `logging_steps` rounds, every round for "epoch", never for "no") and always after the last round.
-        An accountant call per participant costs ~0.1 s, more than a small model's round; the accountant records
+        A PRV call per client whose history changed costs 10-30 ms, more than a tiny model's client round (the
+        10% overhead target: benchmarks/RESULTS.md, section 6); the accountant records
         every step either way, and `privacy_report()` gives the epsilon spent at any time."""
         if rounds_done >= self.args.num_rounds:
             return True

@@ -27,8 +27,9 @@ def no_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def run_split(tmp_path, config_cls, physical: int, n: int, local_steps: int = 3):
-    """One client, one round, a fixed secret seed: the trained adapter, the micro-batch sizes and the trainer."""
+def run_split(tmp_path, config_cls, physical: int, n: int, local_steps: int = 3, dataset=None, data_collator=None):
+    """One client, one round, a fixed secret seed: the trained adapter, the micro-batches (their indices) and the
+    trainer. `dataset` (default: the toy task of n examples) and `data_collator` are passed to the trainer."""
     trainer = FederatedTrainer(
         no_dropout(tiny_peft(config_cls)),
         fed_args(
@@ -45,18 +46,19 @@ def run_split(tmp_path, config_cls, physical: int, n: int, local_steps: int = 3)
             dp_clip_norm=0.05,  # small: every example is clipped, so the sum of clipped gradients is what counts
             dp_secret_seed=5,
         ),
-        train_dataset=toy_dataset(n),
+        train_dataset=toy_dataset(n) if dataset is None else dataset,
+        data_collator=data_collator,
     )
-    sizes: list[int] = []
+    batches: list[list[int]] = []
     backward = trainer._backward_batch
 
     def recording(data, indices, loss_scale=1.0):
-        sizes.append(len(indices))
+        batches.append(list(indices))
         return backward(data, indices, loss_scale)
 
     trainer._backward_batch = recording
     trainer.train()
-    return {k: p.detach().clone() for k, p in trainer._adapter.items()}, sizes, trainer
+    return {k: p.detach().clone() for k, p in trainer._adapter.items()}, batches, trainer
 
 
 @pytest.mark.parametrize("config_cls", [FFALoraConfig, LALoraConfig])
@@ -65,8 +67,10 @@ def test_whole_poisson_batch_in_1_2_and_7_micro_batches_gives_the_same_update(tm
     Same secret seed, same update to float tolerance; one accountant step per logical batch."""
     results = {physical: run_split(tmp_path, config_cls, physical, n=LOGICAL) for physical in (28, 14, 4)}
     reference, _, _ = results[28]
-    for physical, (adapter, sizes, trainer) in results.items():
-        assert sizes == [physical] * (3 * LOGICAL // physical)  # 3 steps of 28 // physical micro-batches
+    for physical, (adapter, batches, trainer) in results.items():
+        assert [len(b) for b in batches] == [physical] * (
+            3 * LOGICAL // physical
+        )  # 3 steps of 28 // physical micro-batches
         for key in reference:
             torch.testing.assert_close(adapter[key], reference[key], rtol=1e-5, atol=1e-6)
         client = trainer.privacy.clients["client_0"]
@@ -80,10 +84,12 @@ def test_poisson_sampled_logical_batches_split_the_same_way(tmp_path):
     """q = 28 / 60: the secret sampler draws one batch per logical step (random sizes); split into micro-batches
     of at most 28, 14 or 4 it gives the same update, and the accountant records q = logical / n."""
     results = {physical: run_split(tmp_path, FFALoraConfig, physical, n=60, local_steps=4) for physical in (28, 14, 4)}
-    reference, sizes_28, _ = results[28]
-    for physical, (adapter, sizes, trainer) in results.items():
-        assert max(sizes) <= physical
-        assert sum(sizes) == sum(sizes_28)  # the same Poisson batches, only split differently
+    reference, batches_28, _ = results[28]
+    for physical, (adapter, batches, trainer) in results.items():
+        assert max(len(b) for b in batches) <= physical
+        assert sum(len(b) for b in batches) == sum(
+            len(b) for b in batches_28
+        )  # the same Poisson batches, only split differently
         for key in reference:
             torch.testing.assert_close(adapter[key], reference[key], rtol=1e-5, atol=1e-6)
         assert trainer.privacy.clients["client_0"].history == [(0.7, LOGICAL / 60, 4)]
@@ -113,37 +119,15 @@ def test_dp_micro_batches_are_grouped_by_length_without_changing_the_update(tmp_
     """Under DP a logical batch of unpadded sequences is sorted by length before it is split, so each micro-batch
     pads to its own longest example; the update equals the one-micro-batch update (each example's gradient is its
     own), and fewer padded tokens are processed."""
-    widths: dict[int, list[list[int]]] = {}
-    adapters = {}
-    for physical in (28, 7):
-        trainer = FederatedTrainer(
-            no_dropout(tiny_peft(FFALoraConfig)),
-            fed_args(
-                tmp_path / f"len{physical}",
-                num_rounds=1,
-                num_clients=1,
-                local_steps=2,
-                per_device_train_batch_size=physical,
-                gradient_accumulation_steps=LOGICAL // physical,
-                optim="sgd",
-                learning_rate=0.5,
-                dp_noise_multiplier=0.7,
-                dp_clip_norm=0.05,
-                dp_secret_seed=5,
-            ),
-            train_dataset=varied_length_dataset(LOGICAL),
-            data_collator=pad_to_longest,
-        )
-        backward = trainer._backward_batch
-        seen = widths.setdefault(physical, [])
-
-        def recording(data, indices, loss_scale=1.0, backward=backward, seen=seen):
-            seen.append([len(data[i]["input_ids"]) for i in indices])
-            return backward(data, indices, loss_scale)
-
-        trainer._backward_batch = recording
-        trainer.train()
-        adapters[physical] = {k: p.detach().clone() for k, p in trainer._adapter.items()}
+    data = varied_length_dataset(LOGICAL)
+    runs = {
+        physical: run_split(tmp_path, FFALoraConfig, physical, LOGICAL, 2, data, pad_to_longest) for physical in (28, 7)
+    }
+    adapters = {physical: adapter for physical, (adapter, _, _) in runs.items()}
+    widths = {
+        physical: [[len(data[i]["input_ids"]) for i in b] for b in batches]
+        for physical, (_, batches, _) in runs.items()
+    }
     for key in adapters[28]:
         torch.testing.assert_close(adapters[7][key], adapters[28][key], rtol=1e-5, atol=1e-6)
     for step in range(2):  # 4 micro-batches per step, in increasing length
@@ -164,9 +148,9 @@ def test_noise_is_added_once_per_logical_batch(tmp_path, monkeypatch):
         return noise(*args, **kwargs)
 
     monkeypatch.setattr(FederatedPrivacy, "noise", staticmethod(counting))
-    _, sizes, trainer = run_split(tmp_path, FFALoraConfig, 4, n=LOGICAL)
+    _, batches, trainer = run_split(tmp_path, FFALoraConfig, 4, n=LOGICAL)
     trained = [k for k, p in trainer._adapter.items() if p.requires_grad]
-    assert len(sizes) == 3 * 7
+    assert len(batches) == 3 * 7
     assert len(draws) == 3 * len(trained)
 
 
