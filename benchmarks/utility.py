@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--physical_batch_size",
         type=int,
         default=None,
-        help="Micro-batch that fits in memory (default: 64, or the logical batch when smaller); divides --batch_size.",
+        help="Micro-batch that fits in memory (default: 16, or the logical batch when smaller); divides --batch_size.",
     )
     parser.add_argument("--clients", type=int, default=8, help="Clients; all take part in every round.")
     parser.add_argument("--dirichlet_alpha", type=float, default=0.5, help="Label skew of the partition.")
@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     args.name = args.name or ("utility_quick" if args.quick else "utility")
     if args.physical_batch_size is None:
-        args.physical_batch_size = min(64, args.batch_size)
+        args.physical_batch_size = min(16, args.batch_size)  # fastest on 2 CPU cores (RESULTS.md, section 9)
     if args.batch_size % args.physical_batch_size:
         parser.error(f"--physical_batch_size {args.physical_batch_size} must divide --batch_size {args.batch_size}")
     args.learning_rates = {**DEFAULT_LRS, **dict(args.lr)}
