@@ -35,11 +35,12 @@ DEMO_EPSILON = 8.0  # the demo's target when no budget is given
 DEMO_METHOD = "ffa_lora"
 
 # Rough cost model for the first screen's estimate, refitted 2026-11-23 on the 2-core CPU machine (2 torch threads,
-# otherwise idle) from the default recipe (logical batch 128 in micro-batches of 16, 8 clients):
-# ~0.017 s per DP training example, ~0.011 s per evaluated tweet, ~2 s of PRV calibration per client. Not measured
-# per method; scaled by this machine's first evaluation. Refit from the seconds in results.json.
-SECONDS_PER_EVAL_EXAMPLE = 0.011
-SECONDS_PER_TRAIN_EXAMPLE = 0.017
+# otherwise idle) from a whole default `--compare` run (logical batch 128 in micro-batches of 16, 8 clients, five
+# methods: 567-622 s each, 2,940 s in all): ~0.0205 s per DP training example, ~0.009 s per evaluated tweet (the
+# first evaluation took 8.8 s for 1000), ~2 s of PRV calibration per client (not measured apart). Not measured per
+# method; scaled by this machine's first evaluation. Refit from the seconds in results.json.
+SECONDS_PER_EVAL_EXAMPLE = 0.009
+SECONDS_PER_TRAIN_EXAMPLE = 0.0205
 SECONDS_PER_CALIBRATION = 2.0
 
 

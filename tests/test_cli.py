@@ -5,6 +5,7 @@ calibration), so each run takes seconds.
 """
 
 import json
+import warnings
 
 import matplotlib.axes
 import pytest
@@ -70,6 +71,19 @@ def test_deer_splits_its_local_steps_between_its_sub_rounds(tmp_path):
     privacy = json.loads((tmp_path / "deer" / "federated_training.json").read_text())["privacy"]
     # the same noisy steps as a one-sub-round method with --local_steps 2
     assert {c["steps"] for c in privacy["clients"].values()} == {2}
+
+
+@pytest.mark.parametrize("hub_offline", ["1", None])
+def test_the_demo_raises_no_warning_offline(tmp_path, monkeypatch, hub_offline):
+    """Offline, PEFT's check of the base model's vocabulary at save warns one way with HF_HUB_OFFLINE set and
+    another without it (a failed Hub lookup); `hf-fedlora demo` run directly, not via scripts/demo.sh, must show
+    neither. FAST's own settings (a 300-tweet federation) stay clear of the privacy engine's delta warning."""
+    if hub_offline is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli.run_demo([*FAST, "--method", "ffa_lora", "--output_dir", str(tmp_path)])
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 @pytest.mark.parametrize(
