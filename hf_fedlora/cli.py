@@ -78,8 +78,8 @@ class DemoTrainingArguments(FederatedTrainingArguments):
 
     The recipe (logical batch 128, 6 rounds x 4 local steps) was chosen on validation tweets carved from the
     training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md, section 7). The logical batch runs in 8
-    micro-batches of 16, sorted by length: the same noisy step as 2 of 64, ~20% faster on 2 CPU cores
-    (less padding, smaller activations; benchmarks/RESULTS.md, section 9).
+    micro-batches of 16, sorted by length: the same noisy step as 2 of 64, with less padding and smaller
+    activations (one round on 2 CPU cores: 117 s against 144 s; benchmarks/RESULTS.md, section 9).
     """
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Results, plots and one adapter per method."})
