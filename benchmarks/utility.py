@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=6, help="Communication rounds.")
     parser.add_argument("--local_steps", type=int, default=4, help="Local steps per client per round.")
     parser.add_argument(
-        "--batch_size", type=int, default=128, help="Logical (expected, under DP) batch of one optimizer step."
+        "--batch_size", type=int, default=64, help="Logical (expected, under DP) batch of one optimizer step."
     )
     parser.add_argument(
         "--physical_batch_size",
@@ -125,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument("--lora_alpha", type=int, default=16)
     parser.add_argument("--max_length", type=int, default=48, help="Tokens per tweet.")
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="MiniLM's dropout while training (the recipe: 0; its own: 0.1)."
+    )
+    parser.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim of every run.")
     parser.add_argument(
         "--sub_round_steps",
         choices=["split", "each"],
@@ -163,7 +167,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """Everything a cell's result depends on besides (method, epsilon, seed) and its learning rate."""
     keys = [
         "rounds", "local_steps", "batch_size", "clients", "dirichlet_alpha", "max_eval", "max_train", "data_seed",
-        "delta", "clip_norm", "accountant", "lora_r", "lora_alpha", "max_length", "sub_round_steps",
+        "delta", "clip_norm", "accountant", "lora_r", "lora_alpha", "max_length", "sub_round_steps", "dropout", "optim",
     ]  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
     settings.update(model="all-MiniLM-L6-v2", target_modules=["query", "value"], partition="dirichlet")
@@ -206,7 +210,7 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
         task_type="SEQ_CLS",
         init_seed=seed,
     )
-    model = get_peft_model(minilm_classifier(), config)
+    model = get_peft_model(minilm_classifier(args.dropout), config)
     method_object = config.build_method()
     sub_rounds = method_object.num_sub_rounds(0)
     split = args.sub_round_steps == "split"
@@ -225,6 +229,7 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
             gradient_accumulation_steps=args.batch_size // args.physical_batch_size,
             per_device_eval_batch_size=128,
             learning_rate=lr,
+            optim=args.optim,
             dp_target_epsilon=epsilon,
             dp_target_delta=args.delta,
             dp_clip_norm=args.clip_norm,
@@ -278,7 +283,7 @@ def run_centralised(seed: int, lr: float, task, args) -> dict[str, Any]:
     config = LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=["query", "value"], task_type="SEQ_CLS"
     )
-    model = get_peft_model(minilm_classifier(), config)
+    model = get_peft_model(minilm_classifier(args.dropout), config)
     steps = args.rounds * args.local_steps * args.clients
     counter = ForwardCounter(model)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -290,6 +295,7 @@ def run_centralised(seed: int, lr: float, task, args) -> dict[str, Any]:
             gradient_accumulation_steps=args.batch_size // args.physical_batch_size,
             per_device_eval_batch_size=128,
             learning_rate=lr,
+            optim=args.optim,
             lr_scheduler_type="constant",  # the federated trainer's optimizer has no schedule either
             report_to=[],
             disable_tqdm=True,

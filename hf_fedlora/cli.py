@@ -68,6 +68,13 @@ class DemoArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     max_length: int = field(default=48, metadata={"help": "Tokens per tweet (truncation)."})
+    dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "MiniLM's dropout while training: 0 (off) is the recipe, chosen on validation tweets; the "
+            "checkpoint's own is 0.1."
+        },
+    )
     max_train_examples: int | None = field(default=None, metadata={"help": "Subsample the training tweets."})
     max_eval_examples: int = field(default=1000, metadata={"help": "Test tweets used for the per-round evaluation."})
 
@@ -76,10 +83,11 @@ class DemoArguments:
 class DemoTrainingArguments(FederatedTrainingArguments):
     """The demo's defaults: 8 Dirichlet(0.5) clients under (8, 1e-6)-DP per example, minutes on 2 cores.
 
-    The recipe (logical batch 128, 6 rounds x 4 local steps) was chosen on validation tweets carved from the
-    training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md, section 7). The logical batch runs in 8
-    micro-batches of 16, sorted by length: the same noisy step as 2 of 64, with less padding and smaller
-    activations (one round on 2 CPU cores: 117 s against 144 s; benchmarks/RESULTS.md, section 9).
+    The recipe (logical batch 64, 6 rounds x 4 local steps, MiniLM's dropout off) was chosen on validation tweets
+    carved from the training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md, section 11): it scored as
+    well as logical batch 128 with dropout (section 7) on half the examples, hence half the time. The logical
+    batch runs in micro-batches of 16, sorted by length: the same noisy step as one batch of 64, with less
+    padding and smaller activations (benchmarks/RESULTS.md, section 9).
     """
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Results, plots and one adapter per method."})
@@ -94,7 +102,7 @@ class DemoTrainingArguments(FederatedTrainingArguments):
         metadata={"help": "Physical batch; under DP the expected Poisson batch is this x gradient_accumulation_steps."},
     )
     gradient_accumulation_steps: int = field(
-        default=8, metadata={"help": "Micro-batches per optimizer step (logical batch = physical x this)."}
+        default=4, metadata={"help": "Micro-batches per optimizer step (logical batch = physical x this)."}
     )
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
     learning_rate: float = field(
@@ -177,6 +185,8 @@ def plan_demo(demo: DemoArguments, args: DemoTrainingArguments, argv: list[str])
             raise DemoUsageError(f"--compare names unknown methods {unknown}; registered methods: {known}")
         if len(set(methods)) != len(methods):
             raise DemoUsageError(f"--compare lists a method twice: {demo.compare!r}")
+    if not 0.0 <= demo.dropout < 1.0:
+        raise DemoUsageError(f"--dropout {demo.dropout:g} is not a probability in [0, 1)")
     if len(methods) > 1 and _given(argv, "learning_rate"):
         raise DemoUsageError(
             "--learning_rate sets one rate, but --compare runs each method at its own default rate "
@@ -298,8 +308,8 @@ def load_tweet_task(demo: DemoArguments, seed: int):
     return tokenizer, train, test
 
 
-def minilm_classifier():
-    """The offline all-MiniLM-L6-v2 with a fresh 3-way sentiment head."""
+def minilm_classifier(dropout: float | None = None):
+    """The offline all-MiniLM-L6-v2 with a fresh 3-way sentiment head; `dropout` overrides the checkpoint's 0.1."""
     from transformers import AutoModelForSequenceClassification
 
     from .offline_assets import TWEET_SENTIMENT_LABELS, minilm_path
@@ -309,6 +319,7 @@ def minilm_classifier():
         num_labels=len(TWEET_SENTIMENT_LABELS),
         id2label=dict(enumerate(TWEET_SENTIMENT_LABELS)),
         label2id={label: i for i, label in enumerate(TWEET_SENTIMENT_LABELS)},
+        **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}),
     )
 
 
@@ -416,7 +427,7 @@ def _run_plan(demo: DemoArguments, args: DemoTrainingArguments, plan: DemoPlan, 
         config = config_class_for(method)(
             r=demo.lora_r, lora_alpha=demo.lora_alpha, target_modules=["query", "value"], task_type="SEQ_CLS"
         )
-        model = get_peft_model(minilm_classifier(), config)
+        model = get_peft_model(minilm_classifier(demo.dropout), config)
         # The pip package ships this Hub model; name it so the saved adapter and its card point where users load from.
         model.peft_config["default"].base_model_name_or_path = MINILM_HUB_ID
         label = method if not several else f"{method} {'non-private' if budget is None else f'eps {budget:g}'}"
@@ -500,7 +511,8 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
     several = len(plan.methods) > 1
     print(
         f"hf-fedlora demo: {'comparing ' if several else ''}{', '.join(plan.methods)} on all-MiniLM-L6-v2 "
-        f"(LoRA r={demo.lora_r} on query/value + classifier head), tweets labelled negative/neutral/positive"
+        f"(LoRA r={demo.lora_r} on query/value + classifier head, dropout {demo.dropout:g}), tweets labelled "
+        "negative/neutral/positive"
     )
     print(
         f"  data: {len(train)} training tweets over {args.num_clients} clients ({args.partition}, "
@@ -563,7 +575,8 @@ def _notes(demo, args, plan: DemoPlan, clients: dict[str, int]) -> list[str]:
         f"{m} {plan.learning_rates[m].value:g} from {plan.learning_rates[m].source}" for m in plan.methods
     )
     return [
-        f"all-MiniLM-L6-v2, LoRA r={demo.lora_r} alpha={demo.lora_alpha} on query/value + classifier head; "
+        f"all-MiniLM-L6-v2 (dropout {demo.dropout:g}), LoRA r={demo.lora_r} alpha={demo.lora_alpha} on query/value + "
+        "classifier head; "
         f"{len(clients)} clients ({args.partition}, alpha={args.dirichlet_alpha}), seed {args.seed}.",
         f"Same example budget for every method: {args.num_rounds} rounds x {args.local_steps} local steps x batch "
         f"{_logical_batch(args)} per client (methods with sub-rounds split the local steps).",

@@ -9,6 +9,7 @@ import warnings
 
 import matplotlib.axes
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -95,6 +96,7 @@ def test_the_demo_raises_no_warning_offline(tmp_path, monkeypatch, hub_offline):
         (["--compare", "--learning_rate", "0.1"], "--learning_rate sets one rate"),
         (["--epsilons", "1,3", "--dp_target_epsilon", "2"], "drop --dp_target_epsilon"),
         (["--method", "deer", "--local_steps", "3"], "does not split evenly"),
+        (["--dropout", "1"], "not a probability"),
     ],
 )
 def test_bad_arguments_fail_before_anything_is_loaded_or_trained(tmp_path, monkeypatch, capsys, flags, message):
@@ -118,6 +120,15 @@ def test_plan_defaults_and_overrides():
     assert cli.parse_demo_args(["--compare"])[2].methods == method_names()
     _, _, plan = cli.parse_demo_args(["--method", "deer", "--learning_rate", "0.1", "--epsilons", "1,3,none"])
     assert (plan.learning_rates["deer"].value, plan.budgets) == (0.1, [1.0, 3.0, None])
+
+
+def test_the_recipe_trains_minilm_without_dropout_and_the_flag_restores_it():
+    demo, _, _ = cli.parse_demo_args([])
+    rates = {m.p for m in cli.minilm_classifier(demo.dropout).modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.0}
+    demo, _, _ = cli.parse_demo_args(["--dropout", "0.1"])
+    rates = {m.p for m in cli.minilm_classifier(demo.dropout).modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.1}
 
 
 def test_every_registered_method_has_a_default_learning_rate_with_its_source():
