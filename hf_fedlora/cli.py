@@ -35,12 +35,13 @@ DEMO_EPSILON = 8.0  # the demo's target when no budget is given
 DEMO_METHOD = "ffa_lora"
 
 # Rough cost model for the first screen's estimate, refitted 2026-11-23 on the 2-core CPU machine (2 torch threads,
-# otherwise idle) from a whole default `--compare` run (logical batch 128 in micro-batches of 16, 8 clients, five
-# methods: 567-622 s each, 2,940 s in all): ~0.0205 s per DP training example, ~0.009 s per evaluated tweet (the
-# first evaluation took 8.8 s for 1000), ~2 s of PRV calibration per client (not measured apart). Not measured per
-# method; scaled by this machine's first evaluation. Refit from the seconds in results.json.
+# otherwise idle) from a whole default `--compare` run (logical batch 64 in micro-batches of 16, dropout off, 8
+# clients, five methods: 237-306 s each, 1,311 s in all): ~0.0147 s per DP training example, ~0.009 s per evaluated
+# tweet (fitted on the earlier run at batch 128, where the first evaluation took 8.8 s for 1000), ~2 s of PRV
+# calibration per client (not measured apart). Not measured per method; scaled by this machine's first evaluation.
+# Refit from the seconds in results.json.
 SECONDS_PER_EVAL_EXAMPLE = 0.009
-SECONDS_PER_TRAIN_EXAMPLE = 0.0205
+SECONDS_PER_TRAIN_EXAMPLE = 0.0147
 SECONDS_PER_CALIBRATION = 2.0
 
 

@@ -38,7 +38,7 @@ def test_edge_cases_follow_opacus():
         [(1.0, 0.02, 400)],
         [(0.6, 0.5, 40)],
         [(1.3, 0.01, 100), (0.9, 0.2, 7)],
-        [(0.7, 0.56, 24)],  # the demo's smallest client: 228 tweets, logical batch 128
+        [(0.7, 0.56, 24)],  # the demo's smallest client (228 tweets) at the earlier logical batch 128
         [(0.7, 1.0, 3)],  # q = 1: the cdf's threshold log(1 - q) is -inf
         [(1.0, 0.08, 2)],  # a cross-device client's first round (benchmarks/scale.py --part rounds)
     ],
