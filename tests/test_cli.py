@@ -122,13 +122,20 @@ def test_plan_defaults_and_overrides():
     assert (plan.learning_rates["deer"].value, plan.budgets) == (0.1, [1.0, 3.0, None])
 
 
-def test_the_recipe_trains_minilm_without_dropout_and_the_flag_restores_it():
-    demo, _, _ = cli.parse_demo_args([])
-    rates = {m.p for m in cli.minilm_classifier(demo.dropout).modules() if isinstance(m, torch.nn.Dropout)}
-    assert rates == {0.0}
-    demo, _, _ = cli.parse_demo_args(["--dropout", "0.1"])
-    rates = {m.p for m in cli.minilm_classifier(demo.dropout).modules() if isinstance(m, torch.nn.Dropout)}
-    assert rates == {0.1}
+@pytest.mark.parametrize("flags, expected", [([], {0.0}), (["--dropout", "0.1"], {0.1})])
+def test_the_recipe_trains_minilm_without_dropout_and_the_flag_restores_it(tmp_path, monkeypatch, flags, expected):
+    """The dropout of the model the demo trains (not only the helper's): 0 by default, the flag's value if given."""
+    built = []
+
+    def recording_classifier(*args, **kwargs):
+        built.append(minilm_classifier(*args, **kwargs))
+        return built[-1]
+
+    minilm_classifier = cli.minilm_classifier
+    monkeypatch.setattr(cli, "minilm_classifier", recording_classifier)
+    cli.run_demo([*FAST, *flags, "--method", "ffa_lora", "--output_dir", str(tmp_path)])
+    assert len(built) == 1
+    assert {m.p for m in built[0].modules() if isinstance(m, torch.nn.Dropout)} == expected
 
 
 def test_every_registered_method_has_a_default_learning_rate_with_its_source():
