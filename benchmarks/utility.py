@@ -130,6 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim of every run.")
     parser.add_argument(
+        "--lr_scheduler_type",
+        default="constant",
+        help="TrainingArguments.lr_scheduler_type of every run (federated: over all rounds x local steps).",
+    )
+    parser.add_argument(
         "--sub_round_steps",
         choices=["split", "each"],
         default="split",
@@ -168,6 +173,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = [
         "rounds", "local_steps", "batch_size", "clients", "dirichlet_alpha", "max_eval", "max_train", "data_seed",
         "delta", "clip_norm", "accountant", "lora_r", "lora_alpha", "max_length", "sub_round_steps", "dropout", "optim",
+        "lr_scheduler_type",
     ]  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
     settings.update(model="all-MiniLM-L6-v2", target_modules=["query", "value"], partition="dirichlet")
@@ -230,6 +236,7 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
             per_device_eval_batch_size=128,
             learning_rate=lr,
             optim=args.optim,
+            lr_scheduler_type=args.lr_scheduler_type,
             dp_target_epsilon=epsilon,
             dp_target_delta=args.delta,
             dp_clip_norm=args.clip_norm,
@@ -296,7 +303,7 @@ def run_centralised(seed: int, lr: float, task, args) -> dict[str, Any]:
             per_device_eval_batch_size=128,
             learning_rate=lr,
             optim=args.optim,
-            lr_scheduler_type="constant",  # the federated trainer's optimizer has no schedule either
+            lr_scheduler_type=args.lr_scheduler_type,  # over the same number of steps as the federated runs
             report_to=[],
             disable_tqdm=True,
             use_cpu=True,

@@ -40,6 +40,7 @@ from .federation.adapter_state import (
 )
 from .federation.partition import DEFAULT_LABEL_COLUMNS, label_histogram, partition_dataset
 from .hub import CARD_NAME, FEDERATED_RECORD_NAME, save_model_card, upload_files
+from .lr_schedule import learning_rate_factor
 from .methods import FedLoraConfig
 from .privacy import FederatedPrivacy, PerExampleGradients, check_no_batch_statistics, check_supported
 from .privacy.per_example_loss import summed_example_losses
@@ -328,6 +329,9 @@ class FederatedTrainer(Trainer):
                 noisy_gradient_filter=self.method.noisy_gradient_filter(),
             )
         data = self._clients_ready_for_training()[name]
+        sub_rounds = self.method.num_sub_rounds(round_index)
+        schedule = learning_rate_factor(self.args, self.args.num_rounds * sub_rounds * steps)
+        first_step = (round_index * sub_rounds + sub_round) * steps  # this (sub-)round's place in the whole run
         shuffle = torch.Generator().manual_seed(int(shuffle_seed))
         order = None if per_example else torch.randperm(len(data), generator=shuffle).tolist()
         losses, steps_run = [], 0
@@ -344,6 +348,8 @@ class FederatedTrainer(Trainer):
                 )
                 if per_example:  # counted before the step: a step that fails half-way is still spent
                     self.privacy.record_step(name)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["scheduled_from"] * schedule(first_step + step)
                 loss = self._local_step(data, indices, optimizer)
                 if loss is not None:
                     losses.append(loss)
@@ -446,7 +452,8 @@ class FederatedTrainer(Trainer):
         return [p for p in self._adapter.values() if p.requires_grad]
 
     def _fresh_optimizer(self) -> torch.optim.Optimizer:
-        """A new optimizer each client-round (state is reset every round, as the papers do).
+        """A new optimizer each client-round (state is reset every round, as the papers do); `lr_scheduler_type`
+        sets each step's rate over the whole run (hf_fedlora.lr_schedule).
 
         It holds every adapter parameter; those frozen at a step have no gradient and are skipped.
         """
@@ -462,6 +469,7 @@ class FederatedTrainer(Trainer):
                     "params": params,
                     "weight_decay": self.args.weight_decay if decayed else 0.0,
                     "lr": self.args.learning_rate * scale,
+                    "scheduled_from": self.args.learning_rate * scale,  # lr_scheduler_type scales it per step
                 }
                 for (decayed, scale), params in groups.items()
             ],

@@ -6,8 +6,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from transformers import TrainingArguments
+from transformers import SchedulerType, TrainingArguments
 
+from .lr_schedule import check_schedule
 from .privacy import ACCOUNTANTS
 from .privacy.engine import UNITS
 
@@ -24,7 +25,8 @@ class FederatedTrainingArguments(TrainingArguments):
     (Trainer's convention: per_device is the physical micro-batch that fits in memory); under DP
     the logical batch is the expected Poisson batch and sets q_k = logical / n_k, and each
     logical batch is one noisy step however many micro-batches it takes. The usual `learning_rate`, `optim`,
-    `weight_decay`, `eval_strategy`-free evaluation (`eval_every_rounds`), `report_to`,
+    `lr_scheduler_type` (default constant; a schedule runs over the whole federation), `weight_decay`,
+    `eval_strategy`-free evaluation (`eval_every_rounds`), `report_to`,
     `seed` and `output_dir` apply. `num_train_epochs` and `max_steps` are not used: the
     length of a run is `num_rounds` x local steps. `save_strategy`/`save_steps` count rounds
     ("epoch" = every round), and so does `logging_steps` (default 1: the epsilon spent is logged every round;
@@ -35,6 +37,14 @@ class FederatedTrainingArguments(TrainingArguments):
     """
 
     # --- federation -------------------------------------------------------------------
+    lr_scheduler_type: SchedulerType | str = field(
+        default="constant",
+        metadata={
+            "help": "Trainer's schedule, run over the whole federation: the rate at local step s of round r is the "
+            "schedule's at step r x local steps + s of num_rounds x local steps (warmup_steps likewise). Default "
+            "constant, as the papers train; 'linear' or 'cosine' decay to the last round. Not reduce_lr_on_plateau."
+        },
+    )
     num_rounds: int = field(default=10, metadata={"help": "Communication rounds."})
     logging_steps: float = field(
         default=1,
@@ -173,6 +183,7 @@ class FederatedTrainingArguments(TrainingArguments):
         super().__post_init__()
         self._check_federation()
         self._check_privacy()
+        check_schedule(self)
 
     def to_dict(self) -> dict:
         """As Trainer's, with the secret DP seed hidden: this dict reaches report_to and saved arguments."""
