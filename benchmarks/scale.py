@@ -9,7 +9,8 @@ logical batches run in physical micro-batches of 32 on MiniLM.
   round: wall time of the round and its log, against the clients' own local_round time; the overhead is the rest
   (server aggregation, the epsilon log of the round's participants when the round is logged, bookkeeping).
   `--logging_steps N` logs the epsilon spent every N rounds (Trainer's cadence; 1: every round; 0: only after the
-  last round, which the median round does not see).
+  last round, which the median round does not see). `--model minilm`: the same with the demo's all-MiniLM-L6-v2
+  (FFA-LoRA r=8) on all the offline tweets in Dirichlet(1) sizes, so a client computes as a real one does.
 * `logical`: one MiniLM client, one DP step of logical batch L (q = L / 2L) in physical micro-batches of 32.
 
 Each (part, size) runs in its own subprocess so peak RSS (`ru_maxrss`) does not mix.
@@ -17,12 +18,13 @@ Each (part, size) runs in its own subprocess so peak RSS (`ru_maxrss`) does not 
     .venv/bin/python benchmarks/scale.py --part plan --sizes 10 100 1000
     .venv/bin/python benchmarks/scale.py --part rounds --sizes 10 100 1000 --logging_steps 1
     .venv/bin/python benchmarks/scale.py --part rounds --sizes 10 100 1000 --logging_steps 10
+    .venv/bin/python benchmarks/scale.py --part rounds --sizes 10 100 1000 --logging_steps 1 --model minilm
     .venv/bin/python benchmarks/scale.py --part logical --sizes 32 256 1024
 """
 
 from __future__ import annotations
 
-from common import format_table, load_task, quiet, tiny_bert, write_results  # isort: split
+from common import MODELS, format_table, load_task, quiet, write_results  # isort: split
 
 import argparse
 import json
@@ -37,9 +39,11 @@ import torch
 LOGICAL_BATCH, PHYSICAL_BATCH = 16, 32
 
 
-def dirichlet_sizes(num_clients: int, seed: int = 0) -> list[int]:
+def dirichlet_sizes(num_clients: int, seed: int = 0, total: int | None = None) -> list[int]:
+    """Dirichlet(1) client sizes of at least 16 examples, `total` in all (default 116 per client)."""
     rng = np.random.default_rng(seed)
-    return (16 + rng.multinomial(100 * num_clients, rng.dirichlet(np.ones(num_clients)))).tolist()
+    spread = (total if total is not None else 116 * num_clients) - 16 * num_clients
+    return (16 + rng.multinomial(spread, rng.dirichlet(np.ones(num_clients)))).tolist()
 
 
 def peak_mib() -> float:
@@ -88,20 +92,23 @@ def plan(num_clients: int) -> dict:
     }
 
 
-def rounds(num_clients: int, logging_steps: int = 1) -> dict:
+def rounds(num_clients: int, logging_steps: int = 1, model: str = "tiny") -> dict:
     num_rounds = max(4, 2 * logging_steps)
-    from common import random_token_dataset
     from peft import get_peft_model
 
     from hf_fedlora import FederatedTrainer, FederatedTrainingArguments, FFALoraConfig
 
-    sizes = dirichlet_sizes(num_clients)
-    data = random_token_dataset(sum(sizes))
+    if model == "tiny":
+        sizes = dirichlet_sizes(num_clients)
+        task = load_task("tiny", train_examples=sum(sizes))
+        lora = FFALoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", lora_alpha=8)
+    else:  # the offline tweets, all of them, in Dirichlet(1) sizes of at least 16; the demo's LoRA on MiniLM
+        task = load_task(model)
+        sizes = dirichlet_sizes(num_clients, total=len(task.train))
+        lora = FFALoraConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS", lora_alpha=16)
     bounds = np.cumsum([0, *sizes])
-    clients = {f"client_{i}": data.select(range(bounds[i], bounds[i + 1])) for i in range(num_clients)}
-    model = get_peft_model(
-        tiny_bert(), FFALoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", lora_alpha=8)
-    )
+    clients = {f"client_{i}": task.train.select(range(bounds[i], bounds[i + 1])) for i in range(num_clients)}
+    peft_model = get_peft_model(task.fresh_model(), lora)
     args = FederatedTrainingArguments(
         output_dir="/tmp/scale-bench",
         num_rounds=num_rounds,
@@ -116,9 +123,10 @@ def rounds(num_clients: int, logging_steps: int = 1) -> dict:
         save_strategy="no",
         logging_strategy="steps" if logging_steps else "no",
         logging_steps=logging_steps or 1,
+        dataloader_pin_memory=False,
     )
     started = time.perf_counter()
-    trainer = FederatedTrainer(model, args, train_dataset=clients)
+    trainer = FederatedTrainer(peft_model, args, train_dataset=clients, data_collator=task.collator)
     setup_seconds = time.perf_counter() - started
     timings: dict[str, list[float]] = {"client": [], "round": [], "log": []}
     local_round, run_round, log_round = trainer.local_round, trainer._run_round, trainer._log_round
@@ -143,6 +151,7 @@ def rounds(num_clients: int, logging_steps: int = 1) -> dict:
     total = [r + g for r, g in zip(timings["round"], timings["log"], strict=True)]
     overhead = [t - c for t, c in zip(total, client, strict=True)]
     return {
+        "model": model,
         "clients": num_clients,
         "logging_steps": logging_steps,
         "setup_seconds": setup_seconds,
@@ -212,24 +221,27 @@ def main() -> None:
     parser.add_argument("--part", choices=sorted(PARTS), required=True)
     parser.add_argument("--sizes", type=int, nargs="+", required=True, help="client counts, or logical batches")
     parser.add_argument("--logging_steps", type=int, default=1, help="rounds: epsilon logged every N rounds (0: end)")
+    parser.add_argument("--model", choices=MODELS, default="tiny", help="rounds: the clients' model and data")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         quiet()
         torch.set_num_threads(2)
-        extra = {"logging_steps": args.logging_steps} if args.part == "rounds" else {}
+        extra = {"logging_steps": args.logging_steps, "model": args.model} if args.part == "rounds" else {}
         print(json.dumps(PARTS[args.part](args.sizes[0], **extra)))
         return
     results = []
     for size in args.sizes:
         command = [sys.executable, __file__, "--part", args.part, "--sizes", str(size), "--child"]
-        command += ["--logging_steps", str(args.logging_steps)]
+        command += ["--logging_steps", str(args.logging_steps), "--model", args.model]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
         print(json.dumps(results[-1]))
     headers = [key for key, value in results[0].items() if not isinstance(value, list)]
     print(format_table(headers, [[result[key] for key in headers] for result in results]))
     suffix = f"_logging_steps_{args.logging_steps}" if args.part == "rounds" else ""
+    if args.part == "rounds" and args.model != "tiny":
+        suffix = f"_{args.model}{suffix}"
     write_results(f"scale_{args.part}{suffix}", {"results": results})
 
 
