@@ -1,0 +1,32 @@
+"""A diagnostic: FFA-LoRA with lora_B's and the head's learning rates scaled apart, on validation tweets.
+
+Asks whether the recipe's one rate for both is what holds FFA-LoRA back: `--scale_b 0` trains the head alone
+(B keeps its zero init), `--scale_b 0.1` lets B move ten times slower than the head, `--scale_head 0.4` slows the
+head. It patches `FFALoraMethod.learning_rate_scale` (the hook LA-LoRA's lr_ratio_b uses) for this process only
+and runs benchmarks/lr_sweep.py, whose flags pass through (validation split, recipe defaults). RESULTS.md, section 13.
+
+    .venv/bin/python benchmarks/factor_rates.py --scale_b 0.1 --methods ffa_lora --rates 5e-2 --name factor_b0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import lr_sweep
+
+from hf_fedlora.federation.adapter_state import HEAD, LORA_B
+from hf_fedlora.methods.ffa_lora import FFALoraMethod
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale_b", type=float, default=1.0, help="lora_B's rate = this x --rates.")
+    parser.add_argument("--scale_head", type=float, default=1.0, help="The head's rate = this x --rates.")
+    own, rest = parser.parse_known_args()
+    scales = {LORA_B: own.scale_b, HEAD: own.scale_head}
+    FFALoraMethod.learning_rate_scale = lambda self, factor: scales.get(factor, 1.0)
+    lr_sweep.main(rest)
+
+
+if __name__ == "__main__":
+    main()
