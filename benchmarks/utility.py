@@ -1,6 +1,6 @@
 """Test accuracy and macro-F1 of every federated method at several privacy budgets, with a centralised ceiling.
 
-Setting: all-MiniLM-L6-v2 (r=8 on query/value, trainable classifier head) on the offline tweets
+Setting: all-MiniLM-L6-v2 (r=8 on query/value of layers 3-5 by default, trainable classifier head) on the offline tweets
 (3 classes), split among clients by a Dirichlet label skew; every client takes part in every round.
 Each method in `hf_fedlora.methods.CONFIG_CLASSES` runs at each target epsilon (per client, unit one
 example, delta 1e-5) and non-private, over several seeds; the seed drives the partition, the client
@@ -47,7 +47,13 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from hf_fedlora import FederatedTrainer, FederatedTrainingArguments
-from hf_fedlora.cli import DemoArguments, compute_classification_metrics, load_tweet_task, minilm_classifier
+from hf_fedlora.cli import (
+    MINILM_RECIPE_LAYERS,
+    DemoArguments,
+    compute_classification_metrics,
+    load_tweet_task,
+    minilm_classifier,
+)
 from hf_fedlora.comparison import DEFAULT_LEARNING_RATES, local_steps_per_sub_round
 from hf_fedlora.methods import CONFIG_CLASSES
 
@@ -69,6 +75,11 @@ QUICK = dict(
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
+def parse_layers(text: str) -> int | None:
+    """A MiniLM layer index, or None for 'all' (LoRA on every layer)."""
+    return None if text.lower() == "all" else int(text)
+
+
 def parse_epsilon(text: str) -> float | None:
     """A target epsilon, or None for a non-private run ("none", "inf", "nonprivate")."""
     if text.lower() in ("none", "inf", "nonprivate", "non-private"):
@@ -91,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=6, help="Communication rounds.")
     parser.add_argument("--local_steps", type=int, default=4, help="Local steps per client per round.")
     parser.add_argument(
-        "--batch_size", type=int, default=64, help="Logical (expected, under DP) batch of one optimizer step."
+        "--batch_size", type=int, default=96, help="Logical (expected, under DP) batch of one optimizer step."
     )
     parser.add_argument(
         "--physical_batch_size",
@@ -123,6 +134,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clip_norm", type=float, default=1.0, help="Per-example clipping norm under DP.")
     parser.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
     parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument(
+        "--lora_layers",
+        type=parse_layers,
+        nargs="+",
+        default=list(MINILM_RECIPE_LAYERS),
+        help=f"MiniLM layers with LoRA (PEFT's layers_to_transform; 'all' for every layer). Default: the recipe's "
+        f"{list(MINILM_RECIPE_LAYERS)}.",
+    )
     parser.add_argument("--lora_alpha", type=int, default=16)
     parser.add_argument("--max_length", type=int, default=48, help="Tokens per tweet.")
     parser.add_argument(
@@ -152,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.physical_batch_size = min(16, args.batch_size)  # fastest on 2 CPU cores (RESULTS.md, section 9)
     if args.batch_size % args.physical_batch_size:
         parser.error(f"--physical_batch_size {args.physical_batch_size} must divide --batch_size {args.batch_size}")
+    if None in args.lora_layers:
+        args.lora_layers = None  # 'all': PEFT's default, every layer
     args.learning_rates = {**DEFAULT_LRS, **dict(args.lr)}
     unknown = set(args.learning_rates) - {*METHODS, CEILING}
     if unknown:
@@ -173,7 +194,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = [
         "rounds", "local_steps", "batch_size", "clients", "dirichlet_alpha", "max_eval", "max_train", "data_seed",
         "delta", "clip_norm", "accountant", "lora_r", "lora_alpha", "max_length", "sub_round_steps", "dropout", "optim",
-        "lr_scheduler_type",
+        "lr_scheduler_type", "lora_layers",
     ]  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
     settings.update(model="all-MiniLM-L6-v2", target_modules=["query", "value"], partition="dirichlet")
@@ -213,6 +234,7 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         target_modules=["query", "value"],
+        layers_to_transform=args.lora_layers,
         task_type="SEQ_CLS",
         init_seed=seed,
     )
@@ -288,7 +310,11 @@ def run_centralised(seed: int, lr: float, task, args) -> dict[str, Any]:
     tokenizer, train, test = task
     set_seed(seed)
     config = LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=["query", "value"], task_type="SEQ_CLS"
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        target_modules=["query", "value"],
+        layers_to_transform=args.lora_layers,
+        task_type="SEQ_CLS",
     )
     model = get_peft_model(minilm_classifier(args.dropout), config)
     steps = args.rounds * args.local_steps * args.clients

@@ -33,15 +33,18 @@ from .training_args import FederatedTrainingArguments
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_EPSILON = 8.0  # the demo's target when no budget is given
 DEMO_METHOD = "ffa_lora"
+MINILM_LAYERS = 6
+MINILM_RECIPE_LAYERS = (3, 4, 5)  # benchmarks/RESULTS.md, section 13
 
-# Rough cost model for the first screen's estimate, refitted 2026-11-23 on the 2-core CPU machine (2 torch threads,
-# otherwise idle) from a whole default `--compare` run (logical batch 64 in micro-batches of 16, dropout off, 8
-# clients, five methods: 237-306 s each, 1,311 s in all): ~0.0147 s per DP training example, ~0.009 s per evaluated
-# tweet (fitted on the earlier run at batch 128, where the first evaluation took 8.8 s for 1000), ~2 s of PRV
-# calibration per client (not measured apart). Not measured per method; scaled by this machine's first evaluation.
-# Refit from the seconds in results.json.
+# Rough cost model for the first screen's estimate, refitted 2026-11-24 on the 2-core CPU machine (2 torch threads,
+# otherwise idle) from a whole default `--compare` run (logical batch 96 in micro-batches of 16, LoRA on layers
+# 3-5, dropout off, 8 clients, five methods: 206-241 s each, 1,099 s in all, first evaluation x0.6 of the
+# reference): ~0.0156 s per DP training example at the reference speed, ~0.009 s per evaluated tweet, ~2 s of PRV
+# calibration per client (neither measured apart), all scaled by this machine's first evaluation. That scale
+# varied from x0.6 to x0.9 between runs on the same idle machine: the estimate's main error. Not measured per
+# method. Refit from the seconds in results.json.
 SECONDS_PER_EVAL_EXAMPLE = 0.009
-SECONDS_PER_TRAIN_EXAMPLE = 0.0147
+SECONDS_PER_TRAIN_EXAMPLE = 0.0156
 SECONDS_PER_CALIBRATION = 2.0
 
 
@@ -68,6 +71,13 @@ class DemoArguments:
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_layers: list[int] = field(
+        default_factory=lambda: list(MINILM_RECIPE_LAYERS),
+        metadata={
+            "help": "MiniLM layers (0-5) whose query/value get LoRA (PEFT's layers_to_transform). The recipe's "
+            "last three cost no accuracy on validation tweets and skip the backward pass through layers 0-2."
+        },
+    )
     max_length: int = field(default=48, metadata={"help": "Tokens per tweet (truncation)."})
     dropout: float = field(
         default=0.0,
@@ -84,11 +94,12 @@ class DemoArguments:
 class DemoTrainingArguments(FederatedTrainingArguments):
     """The demo's defaults: 8 Dirichlet(0.5) clients under (8, 1e-6)-DP per example, minutes on 2 cores.
 
-    The recipe (logical batch 64, 6 rounds x 4 local steps, MiniLM's dropout off) was chosen on validation tweets
-    carved from the training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md, section 11): it scored as
-    well as logical batch 128 with dropout (section 7) on half the examples, hence half the time. The logical
-    batch runs in micro-batches of 16, sorted by length: the same noisy step as one batch of 64, with less
-    padding and smaller activations (benchmarks/RESULTS.md, section 9).
+    The recipe (logical batch 96, 6 rounds x 4 local steps, LoRA on MiniLM's last three layers, dropout off) was
+    chosen on validation tweets carved from the training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md,
+    sections 11 and 13). LoRA on layers 3-5 only scored as LoRA on all six at logical batch 64, ~30% faster (no
+    backward pass through layers 0-2); the time saved buys the larger batch, so a run takes as long as the batch-64
+    recipe did. The logical batch runs in micro-batches of 16, sorted by length: the same noisy step as one batch
+    of 96, with less padding and smaller activations (benchmarks/RESULTS.md, section 9).
     """
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Results, plots and one adapter per method."})
@@ -103,7 +114,7 @@ class DemoTrainingArguments(FederatedTrainingArguments):
         metadata={"help": "Physical batch; under DP the expected Poisson batch is this x gradient_accumulation_steps."},
     )
     gradient_accumulation_steps: int = field(
-        default=4, metadata={"help": "Micro-batches per optimizer step (logical batch = physical x this)."}
+        default=6, metadata={"help": "Micro-batches per optimizer step (logical batch = physical x this)."}
     )
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
     learning_rate: float = field(
@@ -188,6 +199,11 @@ def plan_demo(demo: DemoArguments, args: DemoTrainingArguments, argv: list[str])
             raise DemoUsageError(f"--compare lists a method twice: {demo.compare!r}")
     if not 0.0 <= demo.dropout < 1.0:
         raise DemoUsageError(f"--dropout {demo.dropout:g} is not a probability in [0, 1)")
+    outside = [layer for layer in demo.lora_layers if not 0 <= layer < MINILM_LAYERS]
+    if outside or not demo.lora_layers or len(set(demo.lora_layers)) != len(demo.lora_layers):
+        raise DemoUsageError(
+            f"--lora_layers {demo.lora_layers} must name distinct MiniLM layers among 0-{MINILM_LAYERS - 1}"
+        )
     if len(methods) > 1 and _given(argv, "learning_rate"):
         raise DemoUsageError(
             "--learning_rate sets one rate, but --compare runs each method at its own default rate "
@@ -426,7 +442,11 @@ def _run_plan(demo: DemoArguments, args: DemoTrainingArguments, plan: DemoPlan, 
         )
         set_seed(args.seed)  # the fresh classifier head: the same for every method
         config = config_class_for(method)(
-            r=demo.lora_r, lora_alpha=demo.lora_alpha, target_modules=["query", "value"], task_type="SEQ_CLS"
+            r=demo.lora_r,
+            lora_alpha=demo.lora_alpha,
+            target_modules=["query", "value"],
+            layers_to_transform=sorted(demo.lora_layers),
+            task_type="SEQ_CLS",
         )
         model = get_peft_model(minilm_classifier(demo.dropout), config)
         # The pip package ships this Hub model; name it so the saved adapter and its card point where users load from.
@@ -512,7 +532,8 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
     several = len(plan.methods) > 1
     print(
         f"hf-fedlora demo: {'comparing ' if several else ''}{', '.join(plan.methods)} on all-MiniLM-L6-v2 "
-        f"(LoRA r={demo.lora_r} on query/value + classifier head, dropout {demo.dropout:g}), tweets labelled "
+        f"(LoRA r={demo.lora_r} on query/value of {_layers_text(demo)} + classifier head, dropout "
+        f"{demo.dropout:g}), tweets labelled "
         "negative/neutral/positive"
     )
     print(
@@ -530,10 +551,22 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
     )
     print(f"  privacy: {_privacy_text(args, plan)}")
     rates = ", ".join(f"{m} {plan.learning_rates[m].value:g}" for m in plan.methods)
-    print(f"  learning rates (AdamW, constant): {rates}")
+    print(f"  learning rates ({_enum_text(args.optim)}, {_enum_text(args.lr_scheduler_type)}): {rates}")
     print(f"  output: {args.output_dir}/ (results.md, results.json, accuracy plots, one adapter folder per run)")
     for name, histogram in trainer.client_label_histograms.items():
         print(f"  {name}: {len(trainer.client_datasets[name])} tweets ({_label_names(histogram)})")
+
+
+def _layers_text(demo) -> str:
+    layers = sorted(demo.lora_layers)
+    if len(layers) == MINILM_LAYERS:
+        return "every layer"
+    return f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+
+
+def _enum_text(value) -> str:
+    """TrainingArguments turns optim and lr_scheduler_type into enums: print their values ("adamw_torch")."""
+    return str(getattr(value, "value", value))
 
 
 def _privacy_text(args, plan: DemoPlan) -> str:
@@ -576,8 +609,8 @@ def _notes(demo, args, plan: DemoPlan, clients: dict[str, int]) -> list[str]:
         f"{m} {plan.learning_rates[m].value:g} from {plan.learning_rates[m].source}" for m in plan.methods
     )
     return [
-        f"all-MiniLM-L6-v2 (dropout {demo.dropout:g}), LoRA r={demo.lora_r} alpha={demo.lora_alpha} on query/value + "
-        "classifier head; "
+        f"all-MiniLM-L6-v2 (dropout {demo.dropout:g}), LoRA r={demo.lora_r} alpha={demo.lora_alpha} on query/value of "
+        f"{_layers_text(demo)} + classifier head; "
         f"{len(clients)} clients ({args.partition}, alpha={args.dirichlet_alpha}), seed {args.seed}.",
         f"Same example budget for every method: {args.num_rounds} rounds x {args.local_steps} local steps x batch "
         f"{_logical_batch(args)} per client (methods with sub-rounds split the local steps).",

@@ -97,6 +97,7 @@ def test_the_demo_raises_no_warning_offline(tmp_path, monkeypatch, hub_offline):
         (["--epsilons", "1,3", "--dp_target_epsilon", "2"], "drop --dp_target_epsilon"),
         (["--method", "deer", "--local_steps", "3"], "does not split evenly"),
         (["--dropout", "1"], "not a probability"),
+        (["--lora_layers", "2", "6"], "must name distinct MiniLM layers among 0-5"),
     ],
 )
 def test_bad_arguments_fail_before_anything_is_loaded_or_trained(tmp_path, monkeypatch, capsys, flags, message):
@@ -142,3 +143,21 @@ def test_every_registered_method_has_a_default_learning_rate_with_its_source():
     for name in method_names():
         rate = DEFAULT_LEARNING_RATES[name]
         assert rate.value > 0 and rate.source
+
+
+@pytest.mark.parametrize("flags, layers", [([], [3, 4, 5]), (["--lora_layers", "0", "1", "2", "3", "4", "5"], None)])
+def test_the_recipe_puts_lora_on_the_last_three_layers_and_plain_peft_loads_it(tmp_path, flags, layers):
+    """The adapter the demo saves holds LoRA on layers 3-5 only (the flag widens it) and loads without hf_fedlora."""
+    from peft import PeftModel
+
+    cli.run_demo([*FAST, *flags, "--method", "ffa_lora", "--output_dir", str(tmp_path)])
+    folder = tmp_path / "ffa_lora"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    expected = layers if layers is not None else list(range(6))
+    assert config["layers_to_transform"] in (layers, expected)
+    saved = {int(name.split("layer.")[1].split(".")[0]) for name in load_file(str(folder / "adapter_model.safetensors"))
+             if "lora_" in name}  # fmt: skip
+    assert saved == set(expected)
+    loaded = PeftModel.from_pretrained(cli.minilm_classifier(), str(folder))
+    adapted = {int(name.split("layer.")[1].split(".")[0]) for name, _ in loaded.named_parameters() if "lora_B" in name}
+    assert adapted == set(expected)
