@@ -13,8 +13,8 @@ sampling; the count actually processed is recorded). A method with several sub-r
 (DEeR: B then A) splits the local steps among them (`--sub_round_steps split`), so it does the same
 work and its clients take the same number of noisy steps. The centralised ceiling is plain
 `transformers.Trainer` + `peft.LoraConfig`, non-private, with the same number of examples
-(rounds x local steps x clients steps at the same batch size) and the same optimizer (AdamW
-defaults, constant learning rate, gradient-norm clipping 1.0).
+(rounds x local steps x clients steps at the same batch size), the same optimizer and schedule
+(`--optim`, `--lr_scheduler_type`: AdamW at a constant rate by default) and gradient-norm clipping 1.0.
 
 Every finished run is written at once to benchmarks/results/utility.json (`--resume` skips the
 (method, epsilon, seed) cells already there with the same settings), then the aggregated table
@@ -461,12 +461,14 @@ def notes(args: argparse.Namespace, settings: dict[str, Any]) -> list[str]:
     if any(learning_rate(args, m)[1].startswith("fallback") for m in args.methods):
         rates += f"; lr marked * had no rate of its own and used {FALLBACK_LR_OF}'s: tune it with --lr"
     return [
-        f"MiniLM (all-MiniLM-L6-v2), LoRA r={args.lora_r} alpha={args.lora_alpha} on query/value + classifier head; "
+        f"MiniLM (all-MiniLM-L6-v2), LoRA r={args.lora_r} alpha={args.lora_alpha} on query/value of layers "
+        f"{'all' if args.lora_layers is None else args.lora_layers} + classifier head; "
         f"{args.clients} clients, Dirichlet alpha={args.dirichlet_alpha}, all clients every round.",
         f"Budget per run: {args.rounds} rounds x {args.local_steps} local steps x batch {args.batch_size} x "
         f"{args.clients} clients = {settings['examples_per_run']} examples (expected, Poisson under DP); "
         f"multi-sub-round methods: local steps {args.sub_round_steps} across sub-rounds.",
-        f"Learning rates (AdamW defaults, constant rate, grad-norm clip 1.0 when non-private): {rates}.",
+        f"Learning rates ({args.optim}, {args.lr_scheduler_type} schedule, grad-norm clip 1.0 when non-private): "
+        f"{rates}.",
         f"DP: per-client target epsilon, delta={args.delta:g}, unit one example, clip norm {args.clip_norm}, "
         f"noise calibrated per client, accountant {args.accountant.upper()}; eps spent = largest over clients "
         "and, here, over seeds.",
