@@ -18,8 +18,9 @@ UNSUPPORTED = (SchedulerType.REDUCE_ON_PLATEAU,)
 
 
 def learning_rate_factor(args: TrainingArguments, total_steps: int) -> Callable[[int], float]:
-    """The multiplier of `learning_rate` at each step of a run of `total_steps` steps, as Trainer computes it."""
-    check_schedule(args)
+    """The multiplier of `learning_rate` at each step of a run of `total_steps` steps, as Trainer computes it.
+
+    `args` were checked once, when FederatedTrainingArguments was built (`check_schedule`)."""
     unused = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = get_scheduler(
         args.lr_scheduler_type,
