@@ -24,7 +24,7 @@ import time
 import warnings
 
 from utility import parse_args as utility_args
-from utility import run_federated
+from utility import parse_epsilon, run_federated
 
 from hf_fedlora.cli import DemoArguments, load_tweet_task
 
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["rolora", "deer", "la_lora"])
     parser.add_argument("--rates", type=float, nargs="+", default=[5e-3, 2e-2, 5e-2])
-    parser.add_argument("--epsilon", type=float, default=8.0, help="Target epsilon per client (the demo's).")
+    parser.add_argument(
+        "--epsilon", type=parse_epsilon, default=8.0, help="Target epsilon per client (the demo's); none: no DP."
+    )
     parser.add_argument("--validation_size", type=int, default=500, help="Tweets carved from the training split.")
     parser.add_argument("--name", default="lr_sweep", help="Results file name under benchmarks/results/.")
     own, rest = parser.parse_known_args(argv)
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(run)
             print(
                 f"{method:<8} lr {rate:<7g} validation accuracy {run['accuracy']:.4f}  macro-F1 "
-                f"{run['macro_f1']:.4f}  eps spent {run['epsilon_spent']:.3f}  ({run['seconds']:.0f} s)",
+                f"{run['macro_f1']:.4f}  eps spent {run['epsilon_spent']}  ({run['seconds']:.0f} s)",
                 flush=True,
             )
     best = {m: max((r for r in runs if r["method"] == m), key=lambda r: r["accuracy"]) for m in own.methods}

@@ -132,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data_seed", type=int, default=0, help="Seed of the train/test split (fixed across runs).")
     parser.add_argument("--delta", type=float, default=1e-6)
     parser.add_argument("--clip_norm", type=float, default=1.0, help="Per-example clipping norm under DP.")
+    parser.add_argument(
+        "--clipping", default="flat", choices=["flat", "per_layer"], help="FederatedTrainingArguments.dp_clipping."
+    )
     parser.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
     parser.add_argument("--lora_r", type=int, default=8)
     parser.add_argument(
@@ -193,8 +196,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """Everything a cell's result depends on besides (method, epsilon, seed) and its learning rate."""
     keys = [
         "rounds", "local_steps", "batch_size", "clients", "dirichlet_alpha", "max_eval", "max_train", "data_seed",
-        "delta", "clip_norm", "accountant", "lora_r", "lora_alpha", "max_length", "sub_round_steps", "dropout", "optim",
-        "lr_scheduler_type", "lora_layers",
+        "delta", "clip_norm", "clipping", "accountant", "lora_r", "lora_alpha", "max_length", "sub_round_steps",
+        "dropout", "optim", "lr_scheduler_type", "lora_layers",
     ]  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
     settings.update(model="all-MiniLM-L6-v2", target_modules=["query", "value"], partition="dirichlet")
@@ -262,6 +265,7 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
             dp_target_epsilon=epsilon,
             dp_target_delta=args.delta,
             dp_clip_norm=args.clip_norm,
+            dp_clipping=args.clipping,
             dp_accountant=args.accountant,
             dp_secret_seed=None,
             report_to=[],

@@ -319,6 +319,7 @@ def _privacy_context(privacy: Mapping[str, Any]) -> dict[str, Any]:
         "target_epsilon": _number(target, "g"),
         "accountant": str(privacy.get("accountant", "unknown")).upper(),
         "clip_norm": repr(float(privacy["clip_norm"])) if privacy.get("clip_norm") is not None else "-",
+        "clipping": privacy.get("clipping", "flat"),  # records written before per-layer clipping existed: flat
         "calibration": privacy.get("noise_calibration"),
         "seeded": bool(privacy.get("seeded")),
         "num_clients": len(clients),

@@ -646,7 +646,8 @@ class FederatedTrainer(Trainer):
         ]
         target = self.privacy.target_epsilon
         return (
-            f"target epsilon={target}, delta={self.privacy.delta}, clip norm={self.privacy.clip_norm}, "
+            f"target epsilon={target}, delta={self.privacy.delta}, clip norm={self.privacy.clip_norm} "
+            f"({self.privacy.clipping}), "
             f"accountant={self.privacy.accountant_name}; " + "; ".join(parts)
         )
 

@@ -10,6 +10,7 @@ from transformers import SchedulerType, TrainingArguments
 
 from .lr_schedule import check_schedule
 from .privacy import ACCOUNTANTS
+from .privacy.dp_optimizer import CLIPPINGS
 from .privacy.engine import UNITS
 
 PARTITIONS = ("iid", "dirichlet", "label_proportions", "column")
@@ -139,7 +140,17 @@ class FederatedTrainingArguments(TrainingArguments):
         metadata={"help": "Noise multiplier sigma for every client, set directly (epsilon is then only reported)."},
     )
     dp_clip_norm: float = field(
-        default=1.0, metadata={"help": "Per-example clipping norm C over all trainable tensors together."}
+        default=1.0, metadata={"help": "Per-example clipping norm C (the sensitivity the noise is scaled to)."}
+    )
+    dp_clipping: str = field(
+        default="flat",
+        metadata={
+            "help": "How an example's gradient is clipped to dp_clip_norm, as Opacus's `clipping`: 'flat' (all "
+            "trainable tensors together) or 'per_layer' (each of the P trainable tensors on its own to "
+            "dp_clip_norm / sqrt(P), so every tensor, a LoRA factor as much as the classifier head, gets an equal "
+            "share of the sensitivity; the guarantee is the same). Under the client unit, the same over the "
+            "tensors of the round update."
+        },
     )
     dp_secret_seed: int | None = field(
         default=None,
@@ -260,6 +271,7 @@ class FederatedTrainingArguments(TrainingArguments):
             raise ValueError(f"dp_clip_norm must be > 0, got {self.dp_clip_norm}")
         _require_choice(self.dp_accountant, "dp_accountant", tuple(sorted(ACCOUNTANTS)))
         _require_choice(self.dp_unit, "dp_unit", UNITS)
+        _require_choice(self.dp_clipping, "dp_clipping", CLIPPINGS)
         _require_choice(self.dp_noise_calibration, "dp_noise_calibration", NOISE_CALIBRATIONS)
         if self.fp16:
             raise ValueError(

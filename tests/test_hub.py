@@ -195,6 +195,23 @@ def test_private_card_states_the_guarantee_in_words_and_numbers(tmp_path):
     assert "sun2024improving" in text and "Improving {LoRA} in Privacy-preserving Federated Learning" in text
 
 
+@pytest.mark.parametrize("unit", ["example", "client"])
+def test_card_says_how_the_examples_were_clipped(tmp_path, unit):
+    """Flat clipping (records from before `dp_clipping` existed too) vs each tensor to C/sqrt(P)."""
+    flat_record = copy.deepcopy(PRIVATE_RECORD)
+    flat_record["privacy"]["unit"] = unit
+    flat_text = ModelCard.load(save_model_card(tmp_path / "flat", flat_record)).content
+    per_layer_record = copy.deepcopy(flat_record)
+    per_layer_record["privacy"]["clipping"] = "per_layer"
+    per_layer_text = ModelCard.load(save_model_card(tmp_path / "per_layer", per_layer_record)).content
+
+    together = "all trained parameters together" if unit == "example" else "every tensor it sent, together"
+    assert together in flat_text and "√P" not in flat_text
+    assert together not in per_layer_text
+    assert "to 1.0/√P" in per_layer_text
+    assert "within clip norm 1.0" in per_layer_text
+
+
 def test_non_private_card_says_there_is_no_guarantee_and_gives_no_epsilon(tmp_path):
     card = ModelCard.load(save_model_card(tmp_path, non_private_record()))
     text = card.content

@@ -97,8 +97,10 @@ def record_batch_sizes(trainer: FederatedTrainer) -> list[int]:
 # ----------------------------------------------------------------------------------------
 # 1. Noise is really added, at the promised scale
 # ----------------------------------------------------------------------------------------
-def test_noise_is_added_with_std_sigma_times_clip_over_expected_batch(tmp_path):
-    """One DP-SGD step moves the adapter by the clipped mean gradient plus N(0, (sigma*C/B)^2) per coordinate."""
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_noise_is_added_with_std_sigma_times_clip_over_expected_batch(tmp_path, clipping):
+    """One DP-SGD step moves the adapter by the clipped mean gradient plus N(0, (sigma*C/B)^2) per coordinate,
+    however the examples are clipped."""
     sigma, clip, batch, lr = 20.0, 0.5, 8, 1.0
     trainer = FederatedTrainer(
         tiny_peft(FFALoraConfig, r=16),  # 4 x 16 x 16 lora_B coordinates plus the head: enough for a std
@@ -111,6 +113,7 @@ def test_noise_is_added_with_std_sigma_times_clip_over_expected_batch(tmp_path):
             learning_rate=lr,
             dp_noise_multiplier=sigma,
             dp_clip_norm=clip,
+            dp_clipping=clipping,
         ),
         train_dataset=toy_dataset(64),
     )
@@ -146,9 +149,11 @@ def test_noise_is_added_with_std_sigma_times_clip_over_expected_batch(tmp_path):
 # ----------------------------------------------------------------------------------------
 # 2. Clipping bounds what one example can do
 # ----------------------------------------------------------------------------------------
-def one_step_update(tmp_path, dataset: Dataset, *, clip: float, private: bool = True) -> torch.Tensor:
+def one_step_update(
+    tmp_path, dataset: Dataset, *, clip: float, private: bool = True, clipping: str = "flat"
+) -> torch.Tensor:
     """The global adapter's change after one round of one SGD step (lr 1) on a single client holding `dataset`."""
-    dp = dict(dp_noise_multiplier=1e-6, dp_clip_norm=clip) if private else dict(max_grad_norm=0.0)
+    dp = dict(dp_noise_multiplier=1e-6, dp_clip_norm=clip, dp_clipping=clipping) if private else dict(max_grad_norm=0.0)
     trainer = FederatedTrainer(
         regressor_peft(),
         fed_args(
@@ -168,20 +173,24 @@ def one_step_update(tmp_path, dataset: Dataset, *, clip: float, private: bool = 
     return global_update(trainer, start)
 
 
-def test_one_outlier_moves_the_update_by_at_most_two_clip_norms_over_batch(tmp_path):
-    """Per-example clipping over all trainable tensors together: an outlier changes the update by <= 2C/B."""
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_one_outlier_moves_the_update_by_at_most_two_clip_norms_over_batch(tmp_path, clipping):
+    """Per-example clipping (all trainable tensors together, or each to C/sqrt(P)): an outlier changes the
+    update by <= 2C/B."""
     clip, n = 0.1, 16
     x, y = regression_data(n)
     x_outlier, y_outlier = x.clone(), y.clone()
     x_outlier[0], y_outlier[0] = x[0] * 1000, 1e6  # a gradient many orders of magnitude above C
 
-    normal = one_step_update(tmp_path / "normal", regression_dataset(x, y), clip=clip)
-    outlier = one_step_update(tmp_path / "outlier", regression_dataset(x_outlier, y_outlier), clip=clip)
+    normal = one_step_update(tmp_path / "normal", regression_dataset(x, y), clip=clip, clipping=clipping)
+    outlier = one_step_update(
+        tmp_path / "outlier", regression_dataset(x_outlier, y_outlier), clip=clip, clipping=clipping
+    )
 
     tolerance = 1e-4
     for update in (normal, outlier):
         assert update.norm() <= clip * n / n + tolerance  # n examples in the batch, expected batch size n
-    # Aligned gradients: the bound is nearly reached, so clipping tensors separately would break it.
+    # Aligned gradients: the bound is nearly reached, so clipping each tensor to C (not C/sqrt(P)) would break it.
     assert normal.norm() > 0.5 * clip
     assert 0 < (outlier - normal).norm() <= 2 * clip / n + tolerance
 

@@ -41,6 +41,8 @@ from .task import load_task, training_args_from_run_config
 logger = logging.get_logger(__name__)
 app = ServerApp()
 POLL_SECONDS = 1.0
+# Privacy settings every client reports alike; the server copies them from the first report.
+SHARED_PRIVACY_KEYS = ("private", "unit", "delta", "target_epsilon", "accountant", "clip_norm", "clipping")
 
 
 class FlowerServer:
@@ -301,7 +303,7 @@ class FlowerServer:
         clients = {name: c for r in self.reports.values() for name, c in (r.get("clients") or {}).items()}
         base = next(iter(self.reports.values()), {})
         return {
-            **{key: base.get(key) for key in ("private", "unit", "delta", "target_epsilon", "accountant", "clip_norm")},
+            **{key: base.get(key) for key in SHARED_PRIVACY_KEYS},
             "private": True,
             "unit": self.privacy.unit,
             "epsilon": max((c["epsilon"] for c in clients.values()), default=0.0),

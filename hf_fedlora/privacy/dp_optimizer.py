@@ -4,15 +4,24 @@ to the gradient after the noise.
 Clipping, summing and dividing by the expected batch size stay Opacus's. A noise function may only
 return noise whose covariance is at least the nominal (sigma * C)^2 I (DEeR's regulator keeps that);
 anything after the noise is post-processing and costs no privacy (LA-LoRA's low-pass filter).
+
+Clipping is Opacus's "flat" (each example's gradient over all tensors together clipped to C) or "per_layer":
+each of the P trainable tensors clipped on its own to C / sqrt(P), so the example's whole gradient still has
+norm at most C and the noise, accounting and guarantee are the flat ones. Why per layer: a fresh classifier
+head's gradient is ~25x a LoRA factor's, so under flat clipping the factor gets ~4% of the clipped norm and
+its share of the released sum is mostly noise; per tensor, each gets an equal share (He et al., 2022).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+CLIPPINGS = ("flat", "per_layer")
 
 NoiseFunction = Callable[[torch.nn.Parameter, float, torch.Generator | None], torch.Tensor]
 AfterNoise = Callable[[torch.nn.Parameter, torch.Tensor], torch.Tensor]
@@ -22,10 +31,21 @@ class ShapedNoiseDPOptimizer(DPOptimizer):
     """`DPOptimizer` whose noise per parameter comes from `noise_for` and whose noisy gradient goes through
     `after_noise`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_for: NoiseFunction, after_noise: AfterNoise, **kw):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_for: NoiseFunction,
+        after_noise: AfterNoise,
+        clipping: str = "flat",
+        **kw,
+    ):
+        if clipping not in CLIPPINGS:
+            raise ValueError(f"clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
         super().__init__(optimizer, **kw)
         self.noise_for = noise_for
         self.after_noise = after_noise
+        self.clipping = clipping
         # Opacus prepares only the parameters trainable when it is built; methods that alternate factors
         # within a client's round make others trainable later.
         for group in self.original_optimizer.param_groups:
@@ -40,6 +60,23 @@ class ShapedNoiseDPOptimizer(DPOptimizer):
         if grad_sample.is_floating_point() and torch.finfo(grad_sample.dtype).bits < 32:
             return grad_sample.float()
         return grad_sample
+
+    def clip_and_accumulate(self) -> None:
+        if self.clipping == "flat":
+            return super().clip_and_accumulate()
+        # Per layer: the tensors trainable at this step share the sensitivity C equally (sqrt(P) * C / sqrt(P)).
+        threshold = self.max_grad_norm / math.sqrt(len(self.params))
+        for parameter in self.params:
+            _check_processed_flag(parameter.grad_sample)
+            grad_sample = self._get_flat_grad_sample(parameter).to(parameter.dtype)
+            norms = grad_sample.reshape(len(grad_sample), -1).norm(2, dim=-1)
+            clip_factor = (threshold / (norms + 1e-6)).clamp(max=1.0)
+            grad = torch.einsum("i,i...", clip_factor, grad_sample)
+            if parameter.summed_grad is not None:
+                parameter.summed_grad += grad
+            else:
+                parameter.summed_grad = grad
+            _mark_as_processed(parameter.grad_sample)
 
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm

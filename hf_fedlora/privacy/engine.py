@@ -29,7 +29,7 @@ from transformers.utils import logging
 from ..federation.adapter_state import LORA_A, LORA_B, factor_of, peer_name
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_grid, calibrate_noise_multiplier, grid_point
-from .dp_optimizer import ShapedNoiseDPOptimizer
+from .dp_optimizer import CLIPPINGS, ShapedNoiseDPOptimizer
 from .noise_regulator import regulated_noise
 from .postprocessing import NOISY_GRADIENT_FILTERS
 
@@ -82,6 +82,7 @@ class FederatedPrivacy:
         target_delta: float,
         noise_multiplier: float | None,
         clip_norm: float,
+        clipping: str = "flat",
         accountant: str = "prv",
         calibration: str = "per_client",
         secret_seed: int | None = None,
@@ -95,6 +96,9 @@ class FederatedPrivacy:
         self.delta = target_delta
         self.fixed_noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
+        if clipping not in CLIPPINGS:
+            raise ValueError(f"dp_clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
+        self.clipping = clipping
         self.accountant_name = accountant
         self.calibration = calibration
         # per_client_grid: clients share the noise of the geometric grid point (rate, steps) at or above their own.
@@ -123,6 +127,7 @@ class FederatedPrivacy:
             target_delta=args.dp_target_delta,
             noise_multiplier=args.dp_noise_multiplier,
             clip_norm=args.dp_clip_norm,
+            clipping=args.dp_clipping,
             accountant=args.dp_accountant,
             calibration=args.dp_noise_calibration,
             secret_seed=args.dp_secret_seed,
@@ -357,6 +362,7 @@ class FederatedPrivacy:
             after_noise=after_noise,
             noise_multiplier=client.noise_multiplier,
             max_grad_norm=self.clip_norm,
+            clipping=self.clipping,
             expected_batch_size=batch_size,
             loss_reduction="mean",
             generator=client.noise_generator,
@@ -398,17 +404,22 @@ class FederatedPrivacy:
         peers: Mapping[str, torch.Tensor],
         regulate: bool,
     ) -> dict[str, torch.Tensor]:
-        """Client unit: clip the client's whole update (every tensor it sends, together) to C, add noise, and
-        return what may leave the client. `peers` are public values (the global state) that shape the noise."""
+        """Client unit: clip the client's whole update (every tensor it sends, together; or per layer, each of
+        the P tensors to C / sqrt(P)) to C, add noise, and return what may leave the client. `peers` are public
+        values (the global state) that shape the noise."""
         client = self.clients[name]
         update = {key: trained[key].float() - start[key].float() for key in trained}
-        norm = torch.sqrt(sum((u**2).sum() for u in update.values()))
-        scale = min(1.0, self.clip_norm / (float(norm) + 1e-12))
+        if self.clipping == "per_layer":
+            threshold = self.clip_norm / math.sqrt(len(update))
+            scales = {key: min(1.0, threshold / (float(u.norm()) + 1e-12)) for key, u in update.items()}
+        else:
+            norm = torch.sqrt(sum((u**2).sum() for u in update.values()))
+            scales = dict.fromkeys(update, min(1.0, self.clip_norm / (float(norm) + 1e-12)))
         std = client.noise_multiplier * math.sqrt(client.releases_per_step) * self.clip_norm
         released = {}
         for key, change in update.items():
             noise = self.noise(key, change.shape, peers, std, client.noise_generator, regulate)
-            released[key] = (start[key].float() + change * scale + noise.float()).to(trained[key].dtype)
+            released[key] = (start[key].float() + change * scales[key] + noise.float()).to(trained[key].dtype)
         return released
 
     def record_round(self, names: list[str]) -> None:
@@ -469,6 +480,7 @@ class FederatedPrivacy:
             "target_epsilon": self.target_epsilon,
             "accountant": self.accountant_name,
             "clip_norm": self.clip_norm,
+            "clipping": self.clipping,
             "noise_calibration": self.calibration if self.target_epsilon is not None else "fixed",
             **(
                 {"calibration_grid_ratio": self.grid_ratio}
