@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(run)
             print(
                 f"{method:<8} lr {rate:<7g} validation accuracy {run['accuracy']:.4f}  macro-F1 "
-                f"{run['macro_f1']:.4f}  eps spent {run['epsilon_spent']}  ({run['seconds']:.0f} s)",
+                f"{run['macro_f1']:.4f}  eps spent {run['epsilon_spent'] or 0:.3f}  ({run['seconds']:.0f} s)",
                 flush=True,
             )
     best = {m: max((r for r in runs if r["method"] == m), key=lambda r: r["accuracy"]) for m in own.methods}

@@ -146,6 +146,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{list(MINILM_RECIPE_LAYERS)}.",
     )
     parser.add_argument("--lora_alpha", type=int, default=16)
+    parser.add_argument(
+        "--pooler",
+        default="frozen",
+        choices=["frozen", "lora", "full"],
+        help="BERT's pooler (what the head reads): frozen, LoRA on its dense layer, or trained in full.",
+    )
     parser.add_argument("--max_length", type=int, default=48, help="Tokens per tweet.")
     parser.add_argument(
         "--dropout", type=float, default=0.0, help="MiniLM's dropout while training (the recipe: 0; its own: 0.1)."
@@ -197,7 +203,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = [
         "rounds", "local_steps", "batch_size", "clients", "dirichlet_alpha", "max_eval", "max_train", "data_seed",
         "delta", "clip_norm", "clipping", "accountant", "lora_r", "lora_alpha", "max_length", "sub_round_steps",
-        "dropout", "optim", "lr_scheduler_type", "lora_layers",
+        "dropout", "optim", "lr_scheduler_type", "lora_layers", "pooler",
     ]  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
     settings.update(model="all-MiniLM-L6-v2", target_modules=["query", "value"], partition="dirichlet")
@@ -228,6 +234,17 @@ class ForwardCounter:
         self._handle.remove()
 
 
+def lora_targets(args) -> dict[str, Any]:
+    """PEFT target arguments: query/value of `--lora_layers`, and BERT's pooler as `--pooler` says."""
+    query_value = {"target_modules": ["query", "value"], "layers_to_transform": args.lora_layers}
+    if args.pooler == "frozen":
+        return query_value
+    if args.pooler == "full":
+        return {**query_value, "modules_to_save": ["pooler"]}
+    layers = "|".join(str(i) for i in args.lora_layers) if args.lora_layers else r"\d+"
+    return {"target_modules": rf".*\.layer\.({layers})\.attention\.self\.(query|value)|.*\.pooler\.dense"}
+
+
 def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task, args) -> dict[str, Any]:
     """One FederatedTrainer run of `method`; returns its test scores, the epsilon spent and what it processed."""
     tokenizer, train, test = task
@@ -236,8 +253,7 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
     config = config_cls(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
-        target_modules=["query", "value"],
-        layers_to_transform=args.lora_layers,
+        **lora_targets(args),
         task_type="SEQ_CLS",
         init_seed=seed,
     )
@@ -313,13 +329,7 @@ def run_centralised(seed: int, lr: float, task, args) -> dict[str, Any]:
     """The ceiling: one non-private LoRA on all the training tweets, same examples, batch and optimizer."""
     tokenizer, train, test = task
     set_seed(seed)
-    config = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        target_modules=["query", "value"],
-        layers_to_transform=args.lora_layers,
-        task_type="SEQ_CLS",
-    )
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, **lora_targets(args), task_type="SEQ_CLS")
     model = get_peft_model(minilm_classifier(args.dropout), config)
     steps = args.rounds * args.local_steps * args.clients
     counter = ForwardCounter(model)
