@@ -9,7 +9,9 @@ Clipping is Opacus's "flat" (each example's gradient over all tensors together c
 each of the P trainable tensors clipped on its own to C / sqrt(P), so the example's whole gradient still has
 norm at most C and the noise, accounting and guarantee are the flat ones. Why per layer: a fresh classifier
 head's gradient is ~25x a LoRA factor's, so under flat clipping the factor gets ~4% of the clipped norm and
-its share of the released sum is mostly noise; per tensor, each gets an equal share (He et al., 2022).
+its share of the released sum is mostly noise; per tensor, each gets an equal share (He et al., 2022). Not the
+default: on the tweets it cost FFA-LoRA 5-14 points, as the head that carries the accuracy then gets C/2, not ~C
+(benchmarks/RESULTS.md, section 14).
 """
 
 from __future__ import annotations
