@@ -575,7 +575,11 @@ def _privacy_text(args, plan: DemoPlan) -> str:
             f"fixed noise multiplier {args.dp_noise_multiplier:g}, delta {args.dp_target_delta:g}, unit {args.dp_unit}"
         )
     targets = ", ".join("non-private" if b is None else f"({b:g}, {args.dp_target_delta:g})-DP" for b in plan.budgets)
-    return f"{targets} per client, unit one {args.dp_unit}, clip norm {args.dp_clip_norm}, {args.dp_accountant.upper()}"
+    clipping = "" if args.dp_clipping == "flat" else f" ({args.dp_clipping})"
+    return (
+        f"{targets} per client, unit one {args.dp_unit}, clip norm {args.dp_clip_norm}{clipping}, "
+        f"{args.dp_accountant.upper()}"
+    )
 
 
 def _print_estimate(plan: DemoPlan, args, clients: int, eval_examples: int, eval_seconds: float) -> None:
@@ -623,8 +627,8 @@ def _notes(demo, args, plan: DemoPlan, clients: dict[str, int]) -> list[str]:
 
 def _settings(demo, args, plan: DemoPlan, argv: list[str]) -> dict[str, Any]:
     keys = ["num_rounds", "num_clients", "local_steps", "per_device_train_batch_size", "partition",
-            "dirichlet_alpha", "seed", "dp_target_delta", "dp_noise_multiplier", "dp_clip_norm", "dp_unit",
-            "dp_accountant"]  # fmt: skip
+            "dirichlet_alpha", "seed", "dp_target_delta", "dp_noise_multiplier", "dp_clip_norm", "dp_clipping",
+            "dp_unit", "dp_accountant"]  # fmt: skip
     return {
         **{key: getattr(args, key) for key in keys},
         **dataclasses.asdict(demo),

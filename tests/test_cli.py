@@ -111,6 +111,14 @@ def test_bad_arguments_fail_before_anything_is_loaded_or_trained(tmp_path, monke
     assert not output_dir.exists()
 
 
+def test_the_demo_takes_per_layer_clipping_and_says_so():
+    _, args, plan = cli.parse_demo_args([])
+    assert args.dp_clipping == "flat" and "per_layer" not in cli._privacy_text(args, plan)
+    _, args, plan = cli.parse_demo_args(["--dp_clipping", "per_layer"])
+    assert args.dp_clipping == "per_layer"
+    assert "clip norm 1.0 (per_layer)" in cli._privacy_text(args, plan)
+
+
 def test_plan_defaults_and_overrides():
     _, args, plan = cli.parse_demo_args([])
     assert (plan.methods, plan.budgets, args.dp_unit) == (["ffa_lora"], [8.0], "example")
