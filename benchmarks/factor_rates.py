@@ -2,8 +2,10 @@
 
 Asks whether the recipe's one rate for both is what holds FFA-LoRA back: `--scale_b 0` trains the head alone
 (B keeps its zero init), `--scale_b 0.1` lets B move ten times slower than the head, `--scale_head 0.4` slows the
-head. It patches `FFALoraMethod.learning_rate_scale` (the hook LA-LoRA's lr_ratio_b uses) for this process only
-and runs benchmarks/lr_sweep.py, whose flags pass through (validation split, recipe defaults). RESULTS.md, section 13.
+head. `--b_from_round 2` trains the head alone in rounds 1-2 and lora_B with it from round 3 on (linear probing
+then fine-tuning, LP-FT, inside the same steps and privacy budget). It patches `FFALoraMethod.learning_rate_scale`
+(the hook LA-LoRA's lr_ratio_b uses) for this process only and runs benchmarks/lr_sweep.py, whose flags pass
+through (validation split, recipe defaults). RESULTS.md, sections 13 and 14.
 
     .venv/bin/python benchmarks/factor_rates.py --scale_b 0.1 --methods ffa_lora --rates 5e-2 --name factor_b0.1
 """
@@ -14,6 +16,7 @@ import argparse
 
 import lr_sweep
 
+from hf_fedlora import FederatedTrainer
 from hf_fedlora.federation.adapter_state import HEAD, LORA_B
 from hf_fedlora.methods.ffa_lora import FFALoraMethod
 
@@ -22,9 +25,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale_b", type=float, default=1.0, help="lora_B's rate = this x --rates.")
     parser.add_argument("--scale_head", type=float, default=1.0, help="The head's rate = this x --rates.")
+    parser.add_argument("--b_from_round", type=int, default=0, help="lora_B's rate is 0 before this round (0-based).")
     own, rest = parser.parse_known_args()
     scales = {LORA_B: own.scale_b, HEAD: own.scale_head}
-    FFALoraMethod.learning_rate_scale = lambda self, factor: scales.get(factor, 1.0)
+    current_round = [0]
+    local_round = FederatedTrainer.local_round
+
+    def tracking_local_round(self, name, round_index, sub_round, steps):
+        current_round[0] = round_index  # the optimizer of this client-round is built inside, after this
+        return local_round(self, name, round_index, sub_round, steps)
+
+    def learning_rate_scale(self, factor):
+        if factor == LORA_B and current_round[0] < own.b_from_round:
+            return 0.0
+        return scales.get(factor, 1.0)
+
+    FederatedTrainer.local_round = tracking_local_round
+    FFALoraMethod.learning_rate_scale = learning_rate_scale
     lr_sweep.main(rest)
 
 
