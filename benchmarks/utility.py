@@ -158,6 +158,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim of every run.")
     parser.add_argument(
+        "--adam_epsilon", type=float, default=1e-8, help="TrainingArguments.adam_epsilon (Adam's denominator floor)."
+    )
+    parser.add_argument(
         "--lr_scheduler_type",
         default="constant",
         help="TrainingArguments.lr_scheduler_type of every run (federated: over all rounds x local steps).",
@@ -277,6 +280,7 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
             per_device_eval_batch_size=128,
             learning_rate=lr,
             optim=args.optim,
+            adam_epsilon=args.adam_epsilon,
             lr_scheduler_type=args.lr_scheduler_type,
             dp_target_epsilon=epsilon,
             dp_target_delta=args.delta,
