@@ -5,7 +5,8 @@ Asks whether the recipe's one rate for both is what holds FFA-LoRA back: `--scal
 head. `--b_from_round 2` trains the head alone in rounds 1-2 and lora_B with it from round 3 on (linear probing
 then fine-tuning, LP-FT, inside the same steps and privacy budget). It patches `FFALoraMethod.learning_rate_scale`
 (the hook LA-LoRA's lr_ratio_b uses) for this process only and runs benchmarks/lr_sweep.py, whose flags pass
-through (validation split, recipe defaults). RESULTS.md, sections 13 and 14.
+through (validation split, recipe defaults). `--score_on test` runs utility.py instead (its flags; the test tweets),
+for the verdict on a setting already chosen on validation. RESULTS.md, sections 13-15.
 
     .venv/bin/python benchmarks/factor_rates.py --scale_b 0.1 --methods ffa_lora --rates 5e-2 --name factor_b0.1
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import lr_sweep
+import utility
 
 from hf_fedlora import FederatedTrainer
 from hf_fedlora.federation.adapter_state import HEAD, LORA_B
@@ -26,6 +28,12 @@ def main() -> None:
     parser.add_argument("--scale_b", type=float, default=1.0, help="lora_B's rate = this x --rates.")
     parser.add_argument("--scale_head", type=float, default=1.0, help="The head's rate = this x --rates.")
     parser.add_argument("--b_from_round", type=int, default=0, help="lora_B's rate is 0 before this round (0-based).")
+    parser.add_argument(
+        "--score_on",
+        choices=["validation", "test"],
+        default="validation",
+        help="validation: lr_sweep.py (choose here); test: utility.py, the verdict on a choice already made.",
+    )
     own, rest = parser.parse_known_args()
     scales = {LORA_B: own.scale_b, HEAD: own.scale_head}
     current_round = [0]
@@ -42,7 +50,10 @@ def main() -> None:
 
     FederatedTrainer.local_round = tracking_local_round
     FFALoraMethod.learning_rate_scale = learning_rate_scale
-    lr_sweep.main(rest)
+    if own.score_on == "test":
+        utility.main(rest)
+    else:
+        lr_sweep.main(rest)
 
 
 if __name__ == "__main__":

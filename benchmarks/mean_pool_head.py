@@ -1,0 +1,40 @@
+"""A diagnostic: the recipe with BERT's pooler replaced by the mean over tokens, on validation tweets.
+
+BertForSequenceClassification's head reads the pooler, tanh(dense([CLS])), a feature whose energy lies mostly in
+one direction shared by every tweet (benchmarks/head_conditioning.py), so a fresh head learns slowly in a short DP
+run. all-MiniLM-L6-v2 was trained for the mean over tokens. This script patches, for this process only,
+`BertPooler.forward` to return the masked mean of the last hidden states (no dense, no tanh: the head reads 384
+mean-pooled features) and runs benchmarks/factor_rates.py, whose flags and lr_sweep.py's pass through (validation
+split, recipe defaults; `--scale_b 0` trains the head alone). Plain `peft` cannot rebuild such a model from the
+Hub's BertForSequenceClassification: this measures what the head costs; it is not a product setting. RESULTS.md,
+section 15.
+
+    .venv/bin/python benchmarks/mean_pool_head.py --methods ffa_lora --rates 5e-2 --name mean_pool_ffa_lora
+"""
+
+from __future__ import annotations
+
+import factor_rates
+import torch
+from transformers.models.bert import modeling_bert
+
+bert_forward = modeling_bert.BertModel.forward
+
+
+def forward_keeping_mask(self, input_ids=None, attention_mask=None, *args, **kwargs):
+    self.pooler.attention_mask = attention_mask  # read by the pooler below, in the same forward
+    return bert_forward(self, input_ids, attention_mask, *args, **kwargs)
+
+
+def mean_pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    mask = getattr(self, "attention_mask", None)
+    if mask is None:
+        return hidden_states.mean(dim=1)
+    weights = mask.unsqueeze(-1).to(hidden_states.dtype)
+    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+if __name__ == "__main__":
+    modeling_bert.BertModel.forward = forward_keeping_mask
+    modeling_bert.BertPooler.forward = mean_pool
+    factor_rates.main()
