@@ -118,6 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     indexed = train.add_column("row", list(range(len(train))))
+    clients_by_seed = {  # the trainer's partition for each seed, shared by every variant
+        seed: [
+            torch.tensor(data["row"])
+            for data in partition_dataset(
+                indexed, scheme="dirichlet", num_clients=8, seed=seed, dirichlet_alpha=0.5
+            ).values()
+        ]
+        for seed in args.seeds
+    }
     runs = []
     for label, feature, standardise, rounds, private, lr in VARIANTS:
         x, vx = train_x[feature], val_x[feature]
@@ -126,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             x, vx = (x - mean) / spread, (vx - mean) / spread
         scores = []
         for seed in args.seeds:
-            clients = partition_dataset(indexed, scheme="dirichlet", num_clients=8, seed=seed, dirichlet_alpha=0.5)
-            rows = [torch.tensor(data["row"]) for data in clients.values()]
+            rows = clients_by_seed[seed]
             steps = rounds * args.local_steps
             sigmas = [
                 calibrate_noise_multiplier(8.0, 1e-6, args.batch_size / len(r), steps, "prv") if private else 0.0
