@@ -4,7 +4,8 @@ Asks whether the recipe's one rate for both is what holds FFA-LoRA back: `--scal
 (B keeps its zero init), `--scale_b 0.1` lets B move ten times slower than the head, `--scale_head 0.4` slows the
 head. `--b_from_round 2` trains the head alone in rounds 1-2 and lora_B with it from round 3 on (linear probing
 then fine-tuning, LP-FT, inside the same steps and privacy budget). It patches `FFALoraMethod.learning_rate_scale`
-(the hook LA-LoRA's lr_ratio_b uses) for this process only and runs benchmarks/lr_sweep.py, whose flags pass
+(the hook LA-LoRA's and FFA-LoRA's lr_ratio_b use; `--scale_b 0.1` is what FFALoraConfig(lr_ratio_b=0.1), the
+recipe since session 10, does) for this process only and runs benchmarks/lr_sweep.py, whose flags pass
 through (validation split, recipe defaults). `--score_on test` runs utility.py instead (its flags; the test tweets),
 for the verdict on a setting already chosen on validation. RESULTS.md, sections 13-15.
 

@@ -6,8 +6,9 @@ run. all-MiniLM-L6-v2 was trained for the mean over tokens. This script patches,
 `BertPooler.forward` to return the masked mean of the last hidden states (no dense, no tanh: the head reads 384
 mean-pooled features) and runs benchmarks/factor_rates.py, whose flags and lr_sweep.py's pass through (validation
 split, recipe defaults; `--scale_b 0` trains the head alone). Plain `peft` cannot rebuild such a model from the
-Hub's BertForSequenceClassification: this measures what the head costs; it is not a product setting. RESULTS.md,
-section 15.
+Hub's BertForSequenceClassification: this measures what the head costs. It found the recipe's model, which now ships
+as hf_fedlora.models.BertMeanPoolingForSequenceClassification (the same computation, without this patch) and is
+utility.py's and the demo's default. RESULTS.md, sections 15 and 16.
 
     .venv/bin/python benchmarks/mean_pool_head.py --methods ffa_lora --rates 5e-2 --name mean_pool_ffa_lora
 """
@@ -22,7 +23,8 @@ bert_forward = modeling_bert.BertModel.forward
 
 
 def forward_keeping_mask(self, input_ids=None, attention_mask=None, *args, **kwargs):
-    self.pooler.attention_mask = attention_mask  # read by the pooler below, in the same forward
+    if self.pooler is not None:  # utility.py --pooling pooler; the shipped mean-pooling class has no pooler
+        self.pooler.attention_mask = attention_mask  # read by the pooler below, in the same forward
     return bert_forward(self, input_ids, attention_mask, *args, **kwargs)
 
 

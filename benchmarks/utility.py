@@ -1,7 +1,11 @@
 """Test accuracy and macro-F1 of every federated method at several privacy budgets, with a centralised ceiling.
 
-Setting: all-MiniLM-L6-v2 (r=8 on query/value of layers 3-5 by default, trainable classifier head) on the offline tweets
-(3 classes), split among clients by a Dirichlet label skew; every client takes part in every round.
+Setting: all-MiniLM-L6-v2 (r=8 on query/value of layers 3-5 by default, a trainable classifier head on the masked mean
+over tokens: `--pooling mean`, hf_fedlora.models.BertMeanPoolingForSequenceClassification; `--pooling pooler` for
+BertForSequenceClassification) on the offline tweets (3 classes), split among clients by a Dirichlet label skew;
+every client takes part in every round. Each method runs with the recipe's settings
+(hf_fedlora.comparison.RECIPE_METHOD_SETTINGS: FFA-LoRA's lora_B at 0.1x the head's rate) unless
+`--config_defaults`.
 Each method in `hf_fedlora.methods.CONFIG_CLASSES` runs at each target epsilon (per client, unit one
 example, delta 1e-5) and non-private, over several seeds; the seed drives the partition, the client
 sampling streams, the classifier head's init and the shared init of A (`init_seed`). DP noise is drawn
@@ -54,7 +58,7 @@ from hf_fedlora.cli import (
     load_tweet_task,
     minilm_classifier,
 )
-from hf_fedlora.comparison import DEFAULT_LEARNING_RATES, local_steps_per_sub_round
+from hf_fedlora.comparison import DEFAULT_LEARNING_RATES, local_steps_per_sub_round, recipe_settings
 from hf_fedlora.methods import CONFIG_CLASSES
 
 CEILING = "centralised"  # the pseudo-method name of the centralised non-private LoRA ceiling
@@ -147,10 +151,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lora_alpha", type=int, default=16)
     parser.add_argument(
+        "--pooling",
+        default="mean",
+        choices=["mean", "pooler"],
+        help="What the head reads: the masked mean over tokens (the recipe) or BERT's pooler "
+        "(BertForSequenceClassification).",
+    )
+    parser.add_argument(
+        "--config_defaults",
+        action="store_true",
+        help="Every method at its config's defaults (FFA-LoRA's lr_ratio_b 1), not the recipe's method settings "
+        "(hf_fedlora.comparison.RECIPE_METHOD_SETTINGS).",
+    )
+    parser.add_argument(
         "--pooler",
         default="frozen",
         choices=["frozen", "lora", "full"],
-        help="BERT's pooler (what the head reads): frozen, LoRA on its dense layer, or trained in full.",
+        help="With --pooling pooler, BERT's pooler: frozen, LoRA on its dense layer, or trained in full.",
     )
     parser.add_argument("--max_length", type=int, default=48, help="Tokens per tweet.")
     parser.add_argument(
@@ -189,6 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.learning_rates) - {*METHODS, CEILING}
     if unknown:
         parser.error(f"--lr names unknown methods {sorted(unknown)}; known: {[*METHODS, CEILING]}")
+    if args.pooler != "frozen" and args.pooling != "pooler":
+        parser.error(f"--pooler {args.pooler} trains BERT's pooler, which --pooling {args.pooling} leaves out")
     return args
 
 
@@ -206,7 +225,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = [
         "rounds", "local_steps", "batch_size", "clients", "dirichlet_alpha", "max_eval", "max_train", "data_seed",
         "delta", "clip_norm", "clipping", "accountant", "lora_r", "lora_alpha", "max_length", "sub_round_steps",
-        "dropout", "optim", "lr_scheduler_type", "lora_layers", "pooler",
+        "dropout", "optim", "lr_scheduler_type", "lora_layers", "pooler", "pooling", "config_defaults",
     ]  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
     settings.update(model="all-MiniLM-L6-v2", target_modules=["query", "value"], partition="dirichlet")
@@ -259,8 +278,9 @@ def run_federated(method: str, epsilon: float | None, seed: int, lr: float, task
         **lora_targets(args),
         task_type="SEQ_CLS",
         init_seed=seed,
+        **({} if args.config_defaults else recipe_settings(method)),
     )
-    model = get_peft_model(minilm_classifier(args.dropout), config)
+    model = get_peft_model(minilm_classifier(args.dropout, args.pooling), config)
     method_object = config.build_method()
     sub_rounds = method_object.num_sub_rounds(0)
     split = args.sub_round_steps == "split"
@@ -334,7 +354,7 @@ def run_centralised(seed: int, lr: float, task, args) -> dict[str, Any]:
     tokenizer, train, test = task
     set_seed(seed)
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, **lora_targets(args), task_type="SEQ_CLS")
-    model = get_peft_model(minilm_classifier(args.dropout), config)
+    model = get_peft_model(minilm_classifier(args.dropout, args.pooling), config)
     steps = args.rounds * args.local_steps * args.clients
     counter = ForwardCounter(model)
     with tempfile.TemporaryDirectory() as output_dir:

@@ -26,7 +26,13 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from .comparison import DefaultLearningRate, default_learning_rate, local_steps_per_sub_round, method_names
+from .comparison import (
+    DefaultLearningRate,
+    default_learning_rate,
+    local_steps_per_sub_round,
+    method_names,
+    recipe_settings,
+)
 from .hub import format_delta, format_epsilon
 from .training_args import FederatedTrainingArguments
 
@@ -79,6 +85,15 @@ class DemoArguments:
         },
     )
     max_length: int = field(default=48, metadata={"help": "Tokens per tweet (truncation)."})
+    pooling: str = field(
+        default="mean",
+        metadata={
+            "help": "What the classifier head reads: 'mean', the masked mean over tokens that all-MiniLM-L6-v2 was "
+            "trained for (hf_fedlora.models.BertMeanPoolingForSequenceClassification, the recipe); 'pooler', BERT's "
+            "pooler (BertForSequenceClassification). The learning rates were chosen for 'mean'.",
+            "choices": ["mean", "pooler"],
+        },
+    )
     dropout: float = field(
         default=0.0,
         metadata={
@@ -325,13 +340,21 @@ def load_tweet_task(demo: DemoArguments, seed: int):
     return tokenizer, train, test
 
 
-def minilm_classifier(dropout: float | None = None):
-    """The offline all-MiniLM-L6-v2 with a fresh 3-way sentiment head; `dropout` overrides the checkpoint's 0.1."""
+def minilm_classifier(dropout: float | None = None, pooling: str = "mean"):
+    """The offline all-MiniLM-L6-v2 with a fresh 3-way sentiment head; `dropout` overrides the checkpoint's 0.1.
+
+    `pooling`: "mean" (the head reads the masked mean over tokens, as the checkpoint was trained) or "pooler"
+    (BertForSequenceClassification, whose head reads BERT's pooler).
+    """
     from transformers import AutoModelForSequenceClassification
 
+    from .models import BertMeanPoolingForSequenceClassification
     from .offline_assets import TWEET_SENTIMENT_LABELS, minilm_path
 
-    return AutoModelForSequenceClassification.from_pretrained(
+    classes = {"mean": BertMeanPoolingForSequenceClassification, "pooler": AutoModelForSequenceClassification}
+    if pooling not in classes:
+        raise ValueError(f"pooling must be one of {sorted(classes)}, got {pooling!r}")
+    return classes[pooling].from_pretrained(
         minilm_path(),
         num_labels=len(TWEET_SENTIMENT_LABELS),
         id2label=dict(enumerate(TWEET_SENTIMENT_LABELS)),
@@ -447,8 +470,9 @@ def _run_plan(demo: DemoArguments, args: DemoTrainingArguments, plan: DemoPlan, 
             target_modules=["query", "value"],
             layers_to_transform=sorted(demo.lora_layers),
             task_type="SEQ_CLS",
+            **recipe_settings(method),
         )
-        model = get_peft_model(minilm_classifier(demo.dropout), config)
+        model = get_peft_model(minilm_classifier(demo.dropout, demo.pooling), config)
         # The pip package ships this Hub model; name it so the saved adapter and its card point where users load from.
         model.peft_config["default"].base_model_name_or_path = MINILM_HUB_ID
         label = method if not several else f"{method} {'non-private' if budget is None else f'eps {budget:g}'}"
@@ -532,8 +556,8 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
     several = len(plan.methods) > 1
     print(
         f"hf-fedlora demo: {'comparing ' if several else ''}{', '.join(plan.methods)} on all-MiniLM-L6-v2 "
-        f"(LoRA r={demo.lora_r} on query/value of {_layers_text(demo)} + classifier head, dropout "
-        f"{demo.dropout:g}), tweets labelled "
+        f"(LoRA r={demo.lora_r} on query/value of {_layers_text(demo)} + classifier head on the "
+        f"{'mean over tokens' if demo.pooling == 'mean' else 'pooler'}, dropout {demo.dropout:g}), tweets labelled "
         "negative/neutral/positive"
     )
     print(
@@ -550,7 +574,11 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
         + (f" ({'; '.join(split)} steps)" if split else "")
     )
     print(f"  privacy: {_privacy_text(args, plan)}")
-    rates = ", ".join(f"{m} {plan.learning_rates[m].value:g}" for m in plan.methods)
+    rates = ", ".join(
+        f"{m} {plan.learning_rates[m].value:g}"
+        + "".join(f" ({key} {value:g})" for key, value in recipe_settings(m).items())
+        for m in plan.methods
+    )
     print(f"  learning rates ({_enum_text(args.optim)}, {_enum_text(args.lr_scheduler_type)}): {rates}")
     print(f"  output: {args.output_dir}/ (results.md, results.json, accuracy plots, one adapter folder per run)")
     for name, histogram in trainer.client_label_histograms.items():

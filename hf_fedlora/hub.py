@@ -239,6 +239,30 @@ def _template_text() -> str:
         return path.read_text(encoding="utf-8")
 
 
+def base_model_class(model: Any) -> str:
+    """Import path of the model class under the adapter ("module.Class"), for the record and the card's loading code.
+
+    Most runs use a Hub class (BertForSequenceClassification) that the Auto class rebuilds; an adapter trained on
+    another class (e.g. hf_fedlora.models' mean pooling) must be loaded onto that class, so the card names it.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return f"{type(base).__module__}.{type(base).__name__}"
+
+
+def _load_context(record: Mapping[str, Any], task_type: str | None, base_model: str | None, repo_id: str | None):
+    """The card's loading code: the Auto class for a transformers model, else the recorded class and its module."""
+    module, _, name = (record.get("base_model_class") or "").rpartition(".")
+    custom = bool(module) and not module.startswith("transformers.")
+    return {
+        "auto_class": name if custom else AUTO_CLASSES.get(task_type or "", "AutoModel"),
+        "import_from": module if custom else "transformers",
+        "custom_class": custom,
+        "base_model": base_model or "<path or id of the base model>",
+        "repo_id": repo_id or "<this adapter's repo id or local folder>",
+        "num_labels": record.get("num_labels"),
+    }
+
+
 def _template_context(
     record: Mapping[str, Any],
     method: str,
@@ -279,12 +303,7 @@ def _template_context(
         "federation": _federation_context(record),
         "results": _results_table(history, private),
         "has_eval": _eval_metrics(history) is not None,
-        "load": {
-            "auto_class": AUTO_CLASSES.get(task_type or "", "AutoModel"),
-            "base_model": base_model or "<path or id of the base model>",
-            "repo_id": repo_id or "<this adapter's repo id or local folder>",
-            "num_labels": record.get("num_labels"),
-        },
+        "load": _load_context(record, task_type, base_model, repo_id),
         "citations": citations,
         "record_name": FEDERATED_RECORD_NAME,
         "unprotected_published": bool(record.get("unprotected_statistics_published")),

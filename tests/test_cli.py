@@ -111,6 +111,14 @@ def test_bad_arguments_fail_before_anything_is_loaded_or_trained(tmp_path, monke
     assert not output_dir.exists()
 
 
+def test_an_unknown_pooling_is_refused_by_the_parser_before_anything_is_loaded(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_tweet_task", lambda *a, **k: pytest.fail("the demo loaded data"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_demo_args(["--pooling", "cls"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'cls'" in capsys.readouterr().err
+
+
 def test_the_demo_takes_per_layer_clipping_and_says_so():
     _, args, plan = cli.parse_demo_args([])
     assert args.dp_clipping == "flat" and "per_layer" not in cli._privacy_text(args, plan)
@@ -147,6 +155,21 @@ def test_the_recipe_trains_minilm_without_dropout_and_the_flag_restores_it(tmp_p
     assert {m.p for m in built[0].modules() if isinstance(m, torch.nn.Dropout)} == expected
 
 
+@pytest.mark.parametrize(
+    "flags, model_class, ratio",
+    [
+        ([], "hf_fedlora.models.mean_pooling.BertMeanPoolingForSequenceClassification", 0.1),
+        (["--pooling", "pooler"], "transformers.models.bert.modeling_bert.BertForSequenceClassification", 0.1),
+    ],
+)
+def test_the_recipe_reads_the_mean_over_tokens_and_trains_ffa_lora_b_at_a_tenth(tmp_path, flags, model_class, ratio):
+    """The trained model's class and FFA-LoRA's lr_ratio_b, as the run's record (and so its card) states them."""
+    cli.run_demo([*FAST, *flags, "--method", "ffa_lora", "--output_dir", str(tmp_path)])
+    record = json.loads((tmp_path / "ffa_lora" / "federated_training.json").read_text())
+    assert record["base_model_class"] == model_class
+    assert record["method"]["lr_ratio_b"] == ratio
+
+
 def test_every_registered_method_has_a_default_learning_rate_with_its_source():
     for name in method_names():
         rate = DEFAULT_LEARNING_RATES[name]
@@ -155,7 +178,8 @@ def test_every_registered_method_has_a_default_learning_rate_with_its_source():
 
 @pytest.mark.parametrize("flags, layers", [([], [3, 4, 5]), (["--lora_layers", "0", "1", "2", "3", "4", "5"], None)])
 def test_the_recipe_puts_lora_on_the_last_three_layers_and_plain_peft_loads_it(tmp_path, flags, layers):
-    """The adapter the demo saves holds LoRA on layers 3-5 only (the flag widens it) and loads without hf_fedlora."""
+    """The adapter the demo saves holds LoRA on layers 3-5 only (the flag widens it) and plain `peft` loads it onto
+    the recipe's model class."""
     from peft import PeftModel
 
     cli.run_demo([*FAST, *flags, "--method", "ffa_lora", "--output_dir", str(tmp_path)])

@@ -334,14 +334,15 @@ CONFIGS = [(FedLoraConfig, "lora"), (FFALoraConfig, "ffa_lora")]
 
 @pytest.mark.parametrize(("config_cls", "method_name"), CONFIGS, ids=[name for _, name in CONFIGS])
 def test_config_stays_plain_lora_on_disk_and_names_its_method(config_cls, method_name):
-    """The config is a LORA config for plain PEFT (no init_seed in to_dict); federated_dict names the method."""
+    """The config is a LORA config for plain PEFT (no federated field in to_dict); federated_dict names the method."""
     config = config_cls(r=4, target_modules=["query"], init_seed=5)
     assert isinstance(config, LoraConfig)
     assert config.peft_type == PeftType.LORA
     as_dict = config.to_dict()
-    assert "init_seed" not in as_dict
+    assert not set(config.federated_fields) & set(as_dict)
     assert as_dict["r"] == 4 and as_dict["peft_type"] == PeftType.LORA
-    assert config.federated_dict() == {"method": method_name, "init_seed": 5}
+    own_fields = {"lr_ratio_b": 1.0} if method_name == "ffa_lora" else {}
+    assert config.federated_dict() == {"method": method_name, "init_seed": 5, **own_fields}
     assert config.build_method().name == method_name
 
 

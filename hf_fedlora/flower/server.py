@@ -33,7 +33,7 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from transformers.utils import logging
 
 from ..federation.adapter_state import adapter_parameters, load_into, snapshot
-from ..hub import FEDERATED_RECORD_NAME, save_model_card
+from ..hub import FEDERATED_RECORD_NAME, base_model_class, save_model_card
 from ..methods import FedLoraConfig
 from ..privacy import FederatedPrivacy
 from .task import load_task, training_args_from_run_config
@@ -320,6 +320,7 @@ class FlowerServer:
         record = {
             "method": config.federated_dict(),
             "base_model": config.base_model_name_or_path,
+            "base_model_class": base_model_class(self.model),
             "num_labels": getattr(getattr(self.model, "config", None), "num_labels", None),
             "task_type": str(getattr(config.task_type, "value", config.task_type)),
             "lora": {

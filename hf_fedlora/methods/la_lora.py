@@ -11,13 +11,12 @@ method only names it. The project follows the paper, not the released code (see 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..federation.adapter_state import LORA_A, LORA_B
 from .base import FederatedMethod
-from .lora import FedLoraConfig
+from .lora import FedLoraConfig, check_learning_rate_ratio
 
 LOWPASS_FILTER = "binomial_lowpass"  # a key of privacy.postprocessing.NOISY_GRADIENT_FILTERS
 
@@ -78,8 +77,6 @@ class LALoraConfig(FedLoraConfig):
         every = self.alternate_every
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"alternate_every must be a positive integer (local steps per phase), got {every!r}")
-        ratio = self.lr_ratio_b
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
-            raise ValueError(f"lr_ratio_b must be a positive finite number (B's learning rate over A's), got {ratio!r}")
+        check_learning_rate_ratio("lr_ratio_b", self.lr_ratio_b)
         if not isinstance(self.lowpass_filter, bool):
             raise ValueError(f"lowpass_filter must be True or False, got {self.lowpass_filter!r}")

@@ -7,12 +7,19 @@ methods improve on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from peft import LoraConfig
 
 from .base import FederatedMethod
+
+
+def check_learning_rate_ratio(name: str, ratio: object) -> None:
+    """A factor's learning-rate ratio must be a positive finite number (0 would freeze what the method trains)."""
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 0:
+        raise ValueError(f"{name} must be a positive finite number (a ratio of learning rates), got {ratio!r}")
 
 
 class FedLoraMethod(FederatedMethod):
