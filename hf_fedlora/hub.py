@@ -250,9 +250,10 @@ def base_model_class(model: Any) -> str:
 
 
 def _load_context(record: Mapping[str, Any], task_type: str | None, base_model: str | None, repo_id: str | None):
-    """The card's loading code: the Auto class for a transformers model, else the recorded class and its module."""
+    """The card's loading code: the recorded class for one of hf_fedlora.models (no Auto class builds it), else the
+    Auto class of the task, as for any transformers model (custom Hub code included, with trust_remote_code)."""
     module, _, name = (record.get("base_model_class") or "").rpartition(".")
-    custom = bool(module) and not module.startswith("transformers.")
+    custom = module.startswith("hf_fedlora.")
     return {
         "auto_class": name if custom else AUTO_CLASSES.get(task_type or "", "AutoModel"),
         "import_from": module if custom else "transformers",

@@ -390,3 +390,22 @@ def test_card_from_a_real_private_run_states_the_trainers_epsilon(tmp_path):
     assert saved.data.library_name == "peft" and "differential-privacy" in saved.data.tags
     assert f"ε = {format_epsilon(report['epsilon'])}" in saved.content
     assert load_federated_record(str(tmp_path / "saved"))["privacy"]["epsilon"] == pytest.approx(report["epsilon"])
+
+
+@pytest.mark.parametrize(
+    "model_class, imported",
+    [
+        ("transformers.models.bert.modeling_bert.BertForSequenceClassification", "from transformers import Auto"),
+        ("transformers_modules.me.my_model.MyBertForSequenceClassification", "from transformers import Auto"),
+        (None, "from transformers import Auto"),
+        (
+            "hf_fedlora.models.mean_pooling.BertMeanPoolingForSequenceClassification",
+            "from hf_fedlora.models.mean_pooling import BertMeanPoolingForSequenceClassification",
+        ),
+    ],
+)
+def test_the_loading_code_names_the_recorded_class_only_when_no_auto_class_builds_it(model_class, imported):
+    record = {**copy.deepcopy(PRIVATE_RECORD), "base_model_class": model_class}
+    content = build_model_card(record, repo_id="me/ffa-sst2").content
+    assert imported in content
+    assert ("`hf_fedlora` is not needed to load or use it" in content) == imported.startswith("from transformers")
