@@ -556,8 +556,8 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
     several = len(plan.methods) > 1
     print(
         f"hf-fedlora demo: {'comparing ' if several else ''}{', '.join(plan.methods)} on all-MiniLM-L6-v2 "
-        f"(LoRA r={demo.lora_r} on query/value of {_layers_text(demo)} + classifier head on the "
-        f"{'mean over tokens' if demo.pooling == 'mean' else 'pooler'}, dropout {demo.dropout:g}), tweets labelled "
+        f"(LoRA r={demo.lora_r} on query/value of {_layers_text(demo)} + {_head_text(demo)}, dropout "
+        f"{demo.dropout:g}), tweets labelled "
         "negative/neutral/positive"
     )
     print(
@@ -574,15 +574,20 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
         + (f" ({'; '.join(split)} steps)" if split else "")
     )
     print(f"  privacy: {_privacy_text(args, plan)}")
-    rates = ", ".join(
-        f"{m} {plan.learning_rates[m].value:g}"
-        + "".join(f" ({key} {value:g})" for key, value in recipe_settings(m).items())
-        for m in plan.methods
-    )
+    rates = ", ".join(f"{m} {plan.learning_rates[m].value:g}{_settings_text(m)}" for m in plan.methods)
     print(f"  learning rates ({_enum_text(args.optim)}, {_enum_text(args.lr_scheduler_type)}): {rates}")
     print(f"  output: {args.output_dir}/ (results.md, results.json, accuracy plots, one adapter folder per run)")
     for name, histogram in trainer.client_label_histograms.items():
         print(f"  {name}: {len(trainer.client_datasets[name])} tweets ({_label_names(histogram)})")
+
+
+def _head_text(demo) -> str:
+    return f"classifier head on the {'mean over tokens' if demo.pooling == 'mean' else 'pooler'}"
+
+
+def _settings_text(method: str) -> str:
+    """The recipe's method settings, e.g. " (lr_ratio_b 0.1)"; empty when the method keeps its config's defaults."""
+    return "".join(f" ({key} {value:g})" for key, value in recipe_settings(method).items())
 
 
 def _layers_text(demo) -> str:
@@ -638,11 +643,12 @@ def _print_privacy(method: str, report: dict) -> None:
 
 def _notes(demo, args, plan: DemoPlan, clients: dict[str, int]) -> list[str]:
     rates = "; ".join(
-        f"{m} {plan.learning_rates[m].value:g} from {plan.learning_rates[m].source}" for m in plan.methods
+        f"{m} {plan.learning_rates[m].value:g}{_settings_text(m)} from {plan.learning_rates[m].source}"
+        for m in plan.methods
     )
     return [
         f"all-MiniLM-L6-v2 (dropout {demo.dropout:g}), LoRA r={demo.lora_r} alpha={demo.lora_alpha} on query/value of "
-        f"{_layers_text(demo)} + classifier head; "
+        f"{_layers_text(demo)} + {_head_text(demo)}; "
         f"{len(clients)} clients ({args.partition}, alpha={args.dirichlet_alpha}), seed {args.seed}.",
         f"Same example budget for every method: {args.num_rounds} rounds x {args.local_steps} local steps x batch "
         f"{_logical_batch(args)} per client (methods with sub-rounds split the local steps).",
