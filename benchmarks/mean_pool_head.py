@@ -19,6 +19,8 @@ import factor_rates
 import torch
 from transformers.models.bert import modeling_bert
 
+from hf_fedlora.models.mean_pooling import masked_mean
+
 bert_forward = modeling_bert.BertModel.forward
 
 
@@ -29,11 +31,7 @@ def forward_keeping_mask(self, input_ids=None, attention_mask=None, *args, **kwa
 
 
 def mean_pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    mask = getattr(self, "attention_mask", None)
-    if mask is None:
-        return hidden_states.mean(dim=1)
-    weights = mask.unsqueeze(-1).to(hidden_states.dtype)
-    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    return masked_mean(hidden_states, getattr(self, "attention_mask", None))  # what the shipped class computes
 
 
 if __name__ == "__main__":
