@@ -49,7 +49,9 @@ def test_prv_epsilon_is_opacus_prv_epsilon(history):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = theirs.get_epsilon(delta=1e-6)
-    assert ours.get_epsilon(delta=1e-6) == expected
+    # The same computation, to rounding: numpy's vectorised exp/log (AVX-512 paths on some CPUs) and math's scalar
+    # ones may differ in the last bit, so the epsilons agree to ~1e-15 relative, not always bit for bit.
+    assert ours.get_epsilon(delta=1e-6) == pytest.approx(expected, rel=1e-12, abs=0)
 
 
 def test_the_engine_uses_this_accountant():
