@@ -278,3 +278,31 @@ def load_task(model: str, *, train_examples: int | None = None, max_length: int 
         tokenizer, train, _ = load_tweet_task(demo, seed)
         return Task("minilm", train, DataCollatorWithPadding(tokenizer), tokenizer, minilm_classifier, seed)
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+
+
+def ffa_lora_recipe_model(train_examples: int, max_length: int = 48, seed: int = 0, pooling: str = "mean"):
+    """(tokenizer, training tweets, model): MiniLM with FFA-LoRA at the recipe (r=8 on query/value of layers 3-5, a
+    fresh head, dropout off), in training mode with exactly what FFA-LoRA trains (lora_B and the head) trainable.
+    `pooling` as `hf_fedlora.cli.minilm_classifier`'s."""
+    from peft import get_peft_model
+
+    from hf_fedlora import FFALoraConfig
+    from hf_fedlora.cli import MINILM_RECIPE_LAYERS, DemoArguments, load_tweet_task, minilm_classifier
+    from hf_fedlora.federation.adapter_state import HEAD, LORA_B, factor_of
+
+    torch.manual_seed(seed)
+    demo = DemoArguments(max_length=max_length, max_train_examples=train_examples, max_eval_examples=1)
+    tokenizer, train, _test = load_tweet_task(demo, seed=seed)
+    config = FFALoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=["query", "value"],
+        layers_to_transform=list(MINILM_RECIPE_LAYERS),
+        task_type="SEQ_CLS",
+    )
+    model = get_peft_model(minilm_classifier(dropout=0.0, pooling=pooling), config)
+    config.build_method().initialize(model)
+    for name, parameter in model.named_parameters():  # FFA-LoRA trains B and the head; A stays frozen
+        parameter.requires_grad_(factor_of(name) in (LORA_B, HEAD))
+    model.train()
+    return tokenizer, train, model

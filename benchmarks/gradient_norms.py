@@ -2,48 +2,32 @@
 
 Under flat clipping every example's gradient (all trained tensors together) is clipped to C and isotropic noise of
 std sigma x C is added, so a tensor whose gradient is small next to the others' gets a small share of the signal
-and the same noise. This prints, for FFA-LoRA at the recipe (MiniLM, r=8 on query/value of layers 3-5, a fresh
-head, dropout off), the median and 10th/90th percentiles of each tensor kind's per-example gradient norm over
-training tweets, before any step. RESULTS.md, section 14: the head's is ~25x lora_B's, which is what
-`dp_clipping="per_layer"` was tried against.
+and the same noise. This prints, for FFA-LoRA at section 14's recipe (MiniLM as BertForSequenceClassification,
+r=8 on query/value of layers 3-5, a fresh head on the pooler, dropout off), the median and 10th/90th percentiles
+of each tensor kind's per-example gradient norm over training tweets, before any step. RESULTS.md, section 14: the
+head's is ~25x lora_B's, which is what `dp_clipping="per_layer"` was tried against.
 
     .venv/bin/python benchmarks/gradient_norms.py      # ~20 s
 """
 
 from __future__ import annotations
 
-from common import format_table, quiet, write_results
+from common import ffa_lora_recipe_model, format_table, quiet, write_results
 
 # isort: split
 
 import numpy as np
 import torch
-from peft import get_peft_model
 
-from hf_fedlora import FFALoraConfig
-from hf_fedlora.cli import MINILM_RECIPE_LAYERS, DemoArguments, load_tweet_task, minilm_classifier
-from hf_fedlora.federation.adapter_state import HEAD, LORA_B, factor_of
+from hf_fedlora.federation.adapter_state import factor_of
 
 EXAMPLES = 64
 
 
 def main() -> None:
     quiet()
-    torch.manual_seed(0)
-    demo = DemoArguments(max_length=48, max_train_examples=2000, max_eval_examples=1)
-    _tokenizer, train, _test = load_tweet_task(demo, seed=0)
-    config = FFALoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=["query", "value"],
-        layers_to_transform=list(MINILM_RECIPE_LAYERS),
-        task_type="SEQ_CLS",
-    )
-    model = get_peft_model(minilm_classifier(dropout=0.0), config)
-    config.build_method().initialize(model)
-    for name, parameter in model.named_parameters():  # FFA-LoRA trains B and the head; A stays frozen
-        parameter.requires_grad_(factor_of(name) in (LORA_B, HEAD))
-    model.train()
+    # Section 14 measured the model of its time, BertForSequenceClassification (the head reads the pooler).
+    _tokenizer, train, model = ffa_lora_recipe_model(train_examples=2000, pooling="pooler")
     norms: dict[str, list[float]] = {}
     for index in range(EXAMPLES):
         example = train[index]
