@@ -85,6 +85,7 @@ class FederatedTrainer(Trainer):
         if self.continued_from is None:  # a fresh adapter: every client draws the same A from the shared seed
             self.method.initialize(self.model)
         self._per_example_gradients = PerExampleGradients(self.model)
+        self._loss_scaler: torch.amp.GradScaler | None = None  # fp16 without per-example DP: one per client round
         self._set_trainable(self.method.trained_factors(0, 0, 0))
         self._global_state = snapshot(self._adapter)
         self.client_label_histograms = _label_histograms(self.client_datasets, args.label_column)
@@ -327,7 +328,11 @@ class FederatedTrainer(Trainer):
                 self._adapter,
                 regulate=self.method.regulates_noise(),
                 noisy_gradient_filter=self.method.noisy_gradient_filter(),
+                loss_scale=self.args.dp_fp16_loss_scale if self.args.fp16 else 1.0,
             )
+        # fp16 without per-example DP: a GradScaler of this client-round's own, so that its adapted scale depends
+        # on no other client's data (under the client unit each client's update must be its own).
+        self._loss_scaler = torch.amp.GradScaler(self.args.device.type) if self.args.fp16 and not per_example else None
         data = self._clients_ready_for_training()[name]
         sub_rounds = self.method.num_sub_rounds(round_index)
         schedule = learning_rate_factor(self.args, self.args.num_rounds * sub_rounds * steps)
@@ -400,9 +405,16 @@ class FederatedTrainer(Trainer):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)  # frees this micro-batch's per-example gradients only
         if not self._per_example_dp:
+            scaler = self._loss_scaler
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, as Trainer does
             if self.args.max_grad_norm and self.args.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self.args.max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped if a gradient overflowed; the scale then shrinks
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return loss / len(indices)
 
@@ -431,11 +443,22 @@ class FederatedTrainer(Trainer):
             else:
                 loss = self.compute_loss(self.model, inputs)
         if not self._per_example_dp:
-            self.accelerator.backward(loss * loss_scale)
+            self._backward(loss * loss_scale)
             return float(loss.detach())
-        self.accelerator.backward(loss)
+        self._backward(loss)
         self._per_example_gradients.fold_to_batch(len(indices))  # e.g. Swin's windows back to their examples
         return float(example_losses.float().mean())
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Backward through the Accelerator, except that fp16 losses are scaled here, not by its GradScaler: under
+        per-example DP by the fixed, public dp_fp16_loss_scale (the DP optimizer divides it out of each example's
+        gradient), otherwise by this client-round's own GradScaler (unscaled before the step)."""
+        if not self.args.fp16:
+            self.accelerator.backward(loss)
+        elif self._per_example_dp:
+            (loss * self.args.dp_fp16_loss_scale).backward()
+        else:
+            self._loss_scaler.scale(loss).backward()
 
     # ------------------------------------------------------------------------------------
     # Pieces of a round

@@ -2,6 +2,10 @@
 
 A logical batch (per_device_train_batch_size x gradient_accumulation_steps) is one Poisson sample, one noise draw,
 one optimizer step and one accountant step, however many physical micro-batches it runs in.
+
+Mixed precision: bf16 and fp16 autocast the forward; what decides the guarantee (per-example norms, clipping, noise,
+the update) is float32. Under per-example DP, fp16's loss scale is fixed and divided out of each example's gradient,
+and an example that overflows contributes zero; without it, each client round has its own GradScaler.
 """
 
 from __future__ import annotations
@@ -240,6 +244,123 @@ def test_bf16_dp_run_autocasts_the_forward_and_clips_and_noises_in_float32(tmp_p
     assert 0 < output.metrics["epsilon"] <= 8
 
 
-def test_fp16_is_refused_naming_bf16(tmp_path):
-    with pytest.raises(ValueError, match="fp16=True.*bf16=True"):
-        fed_args(tmp_path, fp16=True, use_cpu=False)
+def cpu_fp16(trainer: FederatedTrainer) -> FederatedTrainer:
+    """fp16 autocast on CPU, as a GPU runs it: Accelerate leaves fp16 off on CPU, so its autocast is replaced."""
+    trainer.accelerator.autocast = lambda *args, **kwargs: torch.autocast("cpu", dtype=torch.float16)
+    return trainer
+
+
+def fp16_comparison_run(tmp_path, fp16: bool, **overrides) -> tuple[FederatedTrainer, dict[str, torch.Tensor]]:
+    """One client, one round, a fixed secret seed, no dropout: the trainer and how far its adapter moved."""
+    kwargs = dict(num_rounds=1, num_clients=1, local_steps=3, optim="sgd", learning_rate=0.5, weight_decay=0.0)
+    trainer = FederatedTrainer(
+        no_dropout(tiny_peft(FFALoraConfig)),
+        fed_args(tmp_path / f"fp16-{fp16}", fp16=fp16, **{**kwargs, **overrides}),
+        train_dataset=toy_dataset(48),
+    )
+    if fp16:
+        cpu_fp16(trainer)
+    before = {k: p.detach().clone() for k, p in trainer._adapter.items()}
+    trainer.train()
+    return trainer, {k: p.detach() - before[k] for k, p in trainer._adapter.items()}
+
+
+# Noise this small leaves the clipped gradients visible in the update; a clip norm this large clips none of them,
+# so a loss scale left in the per-example gradients (x256) would show in full.
+NEARLY_NOISELESS = dict(dp_noise_multiplier=1e-6, dp_clip_norm=1e3, dp_secret_seed=3)
+
+
+def test_fp16_dp_run_divides_the_fixed_loss_scale_out_and_matches_float32(tmp_path, monkeypatch):
+    """fp16=True under DP: the forward runs in fp16, the per-example gradients are recorded in fp16 from the loss
+    times dp_fp16_loss_scale, and the update (noise, sampling and seed equal) is the float32 run's to fp16 precision."""
+    seen: dict[str, set] = {"recorded": set(), "norms": set(), "scale": set()}
+    unscale = ShapedNoiseDPOptimizer._unscale_and_zero_non_finite
+
+    def recording(self):
+        seen["recorded"].update(p.grad_sample.dtype for p in self.params)
+        seen["scale"].add(self.loss_scale)
+        unscale(self)
+        seen["norms"].update(p.grad_sample.dtype for p in self.params)
+
+    monkeypatch.setattr(ShapedNoiseDPOptimizer, "_unscale_and_zero_non_finite", recording)
+    trainer, update16 = fp16_comparison_run(tmp_path, True, **NEARLY_NOISELESS)
+    assert seen == {"recorded": {torch.float16}, "norms": {torch.float32}, "scale": {256.0}}
+    assert all(p.dtype == torch.float32 for p in trainer._adapter.values())
+    _, update32 = fp16_comparison_run(tmp_path, False, **NEARLY_NOISELESS)
+    for key, expected in update32.items():
+        assert expected.norm() > 0 or key.endswith("lora_A.default.weight")
+        torch.testing.assert_close(update16[key], expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+def test_fp16_overflow_drops_the_example_silently_and_the_step_is_still_spent(tmp_path):
+    """A loss scale so large that every example's fp16 gradient overflows: each contributes zero (not NaN), the
+    steps still run with their noise and are accounted, so the epsilon equals a normal run's."""
+    overflowing, update = fp16_comparison_run(tmp_path, True, **{**NEARLY_NOISELESS, "dp_fp16_loss_scale": 1e30})
+    normal, normal_update = fp16_comparison_run(tmp_path / "normal", True, **NEARLY_NOISELESS)
+    assert all(torch.isfinite(u).all() for u in update.values())
+    # noise only: per entry std sqrt(3 steps) x lr 0.5 x sigma C 1e-3 / batch 8 = 1.1e-4
+    assert max(float(u.abs().max()) for u in update.values()) < 1e-3
+    assert max(float(u.abs().max()) for u in normal_update.values()) > 1e-2
+    steps = [{name: c.steps_taken for name, c in t.privacy.clients.items()} for t in (overflowing, normal)]
+    assert steps[0] == steps[1] and list(steps[0].values()) == [3]
+    assert overflowing.privacy_report() == normal.privacy_report()
+
+
+def test_loss_scale_is_divided_out_and_a_non_finite_example_contributes_zero_in_every_tensor():
+    scale = 256.0
+    gradients = {"a": torch.tensor([[3.0, 4.0], [0.3, 0.4], [1.0, 1.0]]), "b": torch.tensor([[0.0], [0.0], [1.0]])}
+    params = {name: torch.nn.Parameter(torch.zeros(g.shape[1:])) for name, g in gradients.items()}
+    optimizer = ShapedNoiseDPOptimizer(
+        torch.optim.SGD(params.values(), lr=1.0),
+        noise_for=lambda parameter, std, generator: torch.zeros_like(parameter),
+        after_noise=lambda parameter, noisy: noisy,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=1,
+        loss_scale=scale,
+    )
+    for name, parameter in params.items():
+        parameter.grad_sample = (gradients[name] * scale).half()
+    params["b"].grad_sample[2] = float("inf")  # example 2 overflowed in one tensor only
+    optimizer.clip_and_accumulate()
+    # example 0 (norm 5) is clipped to norm 1, example 1 (norm 0.5) kept as is, example 2 dropped from both tensors
+    torch.testing.assert_close(params["a"].summed_grad, torch.tensor([0.6 + 0.3, 0.8 + 0.4]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(params["b"].summed_grad, torch.tensor([0.0]))
+
+
+def test_fp16_without_dp_unscales_with_a_fresh_grad_scaler_per_client_round(tmp_path, monkeypatch):
+    """Non-private fp16: the client round's own GradScaler, unscaled before the (binding) clip, so the update is
+    the float32 run's to fp16 precision."""
+    scalers = []
+    local_step = FederatedTrainer._local_step
+
+    def recording(self, data, indices, optimizer):
+        scalers.append(self._loss_scaler)
+        return local_step(self, data, indices, optimizer)
+
+    monkeypatch.setattr(FederatedTrainer, "_local_step", recording)
+    _, update16 = fp16_comparison_run(tmp_path, True, num_rounds=2, max_grad_norm=0.05)
+    assert len(scalers) == 6 and len({id(s) for s in scalers}) == 2  # one per client round, all its steps
+    assert all(isinstance(s, torch.amp.GradScaler) and s.get_scale() == 65536.0 for s in scalers)
+    _, update32 = fp16_comparison_run(tmp_path, False, num_rounds=2, max_grad_norm=0.05)
+    assert max(float(u.abs().max()) for u in update32.values()) > 1e-3
+    for key, expected in update32.items():
+        torch.testing.assert_close(update16[key], expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+def test_fp16_loss_scale_must_be_positive(tmp_path):
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="dp_fp16_loss_scale"):
+            fed_args(tmp_path, fp16=True, dp_fp16_loss_scale=bad, dp_target_epsilon=8)
+
+
+def test_fp16_under_the_client_unit_matches_float32(tmp_path):
+    """Client unit: local steps are non-private (a GradScaler per client round); the round update is clipped and
+    noised in float32 at release, as without fp16."""
+    client_unit = dict(dp_unit="client", num_clients=2, **NEARLY_NOISELESS)
+    trainer, update16 = fp16_comparison_run(tmp_path, True, **client_unit)
+    _, update32 = fp16_comparison_run(tmp_path, False, **client_unit)
+    assert trainer.privacy_report()["epsilon"] > 0
+    assert max(float(u.abs().max()) for u in update32.values()) > 1e-3
+    for key, expected in update32.items():
+        torch.testing.assert_close(update16[key], expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))

@@ -12,6 +12,10 @@ head's gradient is ~25x a LoRA factor's, so under flat clipping the factor gets 
 its share of the released sum is mostly noise; per tensor, each gets an equal share (He et al., 2022). Not the
 default: on the tweets it cost FFA-LoRA 5-14 points, as the head that carries the accuracy then gets C/2, not ~C
 (benchmarks/RESULTS.md, section 14).
+
+Before clipping, each example's gradient is brought to float32 with the fp16 loss scale divided out, and an
+example whose gradient is not finite (an fp16 overflow) contributes zero instead of NaN; the step is taken and
+accounted as always.
 """
 
 from __future__ import annotations
@@ -40,14 +44,18 @@ class ShapedNoiseDPOptimizer(DPOptimizer):
         noise_for: NoiseFunction,
         after_noise: AfterNoise,
         clipping: str = "flat",
+        loss_scale: float = 1.0,
         **kw,
     ):
         if clipping not in CLIPPINGS:
             raise ValueError(f"clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
+        if not (math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
         super().__init__(optimizer, **kw)
         self.noise_for = noise_for
         self.after_noise = after_noise
         self.clipping = clipping
+        self.loss_scale = loss_scale
         # Opacus prepares only the parameters trainable when it is built; methods that alternate factors
         # within a client's round make others trainable later.
         for group in self.original_optimizer.param_groups:
@@ -63,7 +71,24 @@ class ShapedNoiseDPOptimizer(DPOptimizer):
             return grad_sample.float()
         return grad_sample
 
+    @torch.no_grad()
+    def _unscale_and_zero_non_finite(self) -> None:
+        """Each example's gradient with the (fp16) loss scale divided out, in float32; an example whose gradient is
+        not finite in any tensor (an fp16 overflow) becomes all zeros, a contribution within the clip norm.
+
+        Nothing else changes with it: the step, its noise and its accounting happen as always. GradScaler instead
+        skips the step and shrinks the scale, which an observer of the updates would see, and which would depend
+        on a secret example; a NaN left in would turn the released sum into NaN whatever the noise."""
+        samples = [self._get_flat_grad_sample(parameter) for parameter in self.params]
+        if not samples or len(samples[0]) == 0:
+            return
+        finite = torch.stack([torch.isfinite(s.reshape(len(s), -1)).all(dim=1) for s in samples]).all(dim=0)
+        for parameter, sample in zip(self.params, samples, strict=True):
+            keep = finite.to(sample.device).view(-1, *([1] * (sample.dim() - 1)))
+            parameter.grad_sample = torch.where(keep, sample / self.loss_scale, torch.zeros_like(sample))
+
     def clip_and_accumulate(self) -> None:
+        self._unscale_and_zero_non_finite()
         if self.clipping == "flat":
             return super().clip_and_accumulate()
         # Per layer: the tensors trainable at this step share the sensitivity C equally (sqrt(P) * C / sqrt(P)).

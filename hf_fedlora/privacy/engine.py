@@ -339,10 +339,12 @@ class FederatedPrivacy:
         *,
         regulate: bool = False,
         noisy_gradient_filter: str | None = None,
+        loss_scale: float = 1.0,
     ) -> ShapedNoiseDPOptimizer:
         """DP-SGD for one client-round: clip each example's gradient, sum, add noise (shaped by the frozen peer
         under DEeR's regulator), filter the noisy sum if the method asks (post-processing), divide by the
-        expected batch size."""
+        expected batch size. `loss_scale`: the fixed factor the loss was multiplied by (fp16), divided out of
+        each example's gradient before its norm."""
         client = self.clients[name]
         names = {id(parameter): key for key, parameter in adapter.items()}
         filter_fn = NOISY_GRADIENT_FILTERS[noisy_gradient_filter] if noisy_gradient_filter else None
@@ -363,6 +365,7 @@ class FederatedPrivacy:
             noise_multiplier=client.noise_multiplier,
             max_grad_norm=self.clip_norm,
             clipping=self.clipping,
+            loss_scale=loss_scale,
             expected_batch_size=batch_size,
             loss_reduction="mean",
             generator=client.noise_generator,
