@@ -134,3 +134,14 @@ def test_a_private_run_on_the_class_saves_an_adapter_plain_peft_loads_onto_it(tm
     ids = torch.tensor(data[:8]["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_flower_example_task_builds_the_mean_pooled_minilm():
+    """examples/flower's task trains the same model as the demo, and the record the server writes names it."""
+    from hf_fedlora.flower.tasks import minilm_tweets
+    from hf_fedlora.hub import base_model_class
+
+    model = minilm_tweets({"seed": 1}).build_model()
+    assert isinstance(model.base_model.model, BertMeanPoolingForSequenceClassification)
+    assert base_model_class(model) == "hf_fedlora.models.mean_pooling.BertMeanPoolingForSequenceClassification"
+    assert model.peft_config["default"].base_model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"

@@ -64,14 +64,16 @@ def tiny_bert(run_config: Mapping[str, Any]) -> FlowerTask:
 
 
 def minilm_tweets(run_config: Mapping[str, Any]) -> FlowerTask:
-    """The offline MiniLM with a 3-way head on the offline tweets, split IID over the SuperNodes.
+    """The offline MiniLM with a 3-way head on the mean over tokens (as the demo's, `hf_fedlora.models`) on the
+    offline tweets, split IID over the SuperNodes.
 
     Every client loads the same `max-train-examples` tweets and keeps its own partition (as Flower's
     partitioners do); the server builds only the model.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from ..offline_assets import TWEET_SENTIMENT_LABELS, load_tweet_sentiment, minilm_path
+    from ..cli import minilm_classifier
+    from ..offline_assets import load_tweet_sentiment, minilm_path
 
     seed = int(run_config.get("seed", 42))
     max_length = int(run_config.get("max-length", 48))
@@ -79,13 +81,7 @@ def minilm_tweets(run_config: Mapping[str, Any]) -> FlowerTask:
 
     def build_model():
         torch.manual_seed(seed)  # the fresh classifier head
-        base = AutoModelForSequenceClassification.from_pretrained(
-            minilm_path(),
-            num_labels=len(TWEET_SENTIMENT_LABELS),
-            id2label=dict(enumerate(TWEET_SENTIMENT_LABELS)),
-            label2id={label: i for i, label in enumerate(TWEET_SENTIMENT_LABELS)},
-        )
-        model = get_peft_model(base, _adapter_config(run_config, r=8, lora_alpha=16))
+        model = get_peft_model(minilm_classifier(), _adapter_config(run_config, r=8, lora_alpha=16))
         model.peft_config["default"].base_model_name_or_path = "sentence-transformers/all-MiniLM-L6-v2"
         return model
 
