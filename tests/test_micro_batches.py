@@ -364,3 +364,13 @@ def test_fp16_under_the_client_unit_matches_float32(tmp_path):
     assert max(float(u.abs().max()) for u in update32.values()) > 1e-3
     for key, expected in update32.items():
         torch.testing.assert_close(update16[key], expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+def test_window_rows_are_summed_in_float32_under_fp16():
+    """Swin-style rows folded into examples: under fp16 their sum may exceed fp16's largest number (65504)."""
+    from hf_fedlora.privacy.per_example_gradients import _fold
+
+    rows = torch.full((4, 3), 40000.0, dtype=torch.float16)  # 2 examples x 2 windows
+    folded = _fold("layer", rows, batch_size=2)
+    assert folded.dtype == torch.float32
+    torch.testing.assert_close(folded, torch.full((2, 3), 80000.0))

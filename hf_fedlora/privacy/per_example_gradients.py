@@ -88,6 +88,8 @@ def _fold(name: str, grad_sample: torch.Tensor, batch_size: int) -> torch.Tensor
     rows = grad_sample.shape[0]
     if rows == batch_size:
         return grad_sample
+    if grad_sample.is_floating_point() and torch.finfo(grad_sample.dtype).bits < 32:
+        grad_sample = grad_sample.float()  # fp16: a sum of windows may exceed 65504 where no window does
     if batch_size <= 0 or rows % batch_size != 0:
         raise ValueError(
             f"Per-example gradient of {name!r} has {rows} rows, which is not a multiple of the batch size "
