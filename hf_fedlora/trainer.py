@@ -328,7 +328,7 @@ class FederatedTrainer(Trainer):
                 self._adapter,
                 regulate=self.method.regulates_noise(),
                 noisy_gradient_filter=self.method.noisy_gradient_filter(),
-                loss_scale=self.args.dp_fp16_loss_scale if self.args.fp16 else 1.0,
+                loss_scale=self._per_example_loss_scale,
             )
         # fp16 without per-example DP: a GradScaler of this client-round's own, so that its adapted scale depends
         # on no other client's data (under the client unit each client's update must be its own).
@@ -377,6 +377,12 @@ class FederatedTrainer(Trainer):
     def _per_example_dp(self) -> bool:
         """DP-SGD inside the client (example unit); under the client unit only the round's update is noised."""
         return self.privacy.enabled and self.privacy.unit == "example"
+
+    @property
+    def _per_example_loss_scale(self) -> float:
+        """The fixed factor on the loss under per-example DP, which the DP optimizer divides out of each example's
+        gradient: dp_fp16_loss_scale with fp16, else 1. One value for both, so they cannot disagree."""
+        return self.args.dp_fp16_loss_scale if self.args.fp16 else 1.0
 
     def _local_step(self, data: Dataset, indices: list[int], optimizer: torch.optim.Optimizer) -> float | None:
         """One optimizer step on one logical batch, run in micro-batches of at most per_device_train_batch_size.
@@ -456,7 +462,7 @@ class FederatedTrainer(Trainer):
         if not self.args.fp16:
             self.accelerator.backward(loss)
         elif self._per_example_dp:
-            (loss * self.args.dp_fp16_loss_scale).backward()
+            (loss * self._per_example_loss_scale).backward()
         else:
             self._loss_scaler.scale(loss).backward()
 
