@@ -249,6 +249,24 @@ def base_model_class(model: Any) -> str:
     return f"{type(base).__module__}.{type(base).__name__}"
 
 
+def model_record(model: Any, config: Any) -> dict[str, Any]:
+    """The record's description of the trained model (method, base, class, labels, task, LoRA shape): the same for
+    the in-process trainer and the Flower server, so the card reads one format."""
+    targets = config.target_modules
+    return {
+        "method": config.federated_dict(),
+        "base_model": config.base_model_name_or_path,
+        "base_model_class": base_model_class(model),
+        "num_labels": getattr(getattr(model, "config", None), "num_labels", None),
+        "task_type": str(getattr(config.task_type, "value", config.task_type)),
+        "lora": {
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets,
+        },
+    }
+
+
 def _load_context(record: Mapping[str, Any], task_type: str | None, base_model: str | None, repo_id: str | None):
     """The card's loading code: the recorded class for one of hf_fedlora.models (no Auto class builds it), else the
     Auto class of the task, as for any transformers model (custom Hub code included, with trust_remote_code)."""

@@ -39,7 +39,7 @@ from .federation.adapter_state import (
     snapshot,
 )
 from .federation.partition import DEFAULT_LABEL_COLUMNS, label_histogram, partition_dataset
-from .hub import CARD_NAME, FEDERATED_RECORD_NAME, base_model_class, save_model_card, upload_files
+from .hub import CARD_NAME, FEDERATED_RECORD_NAME, model_record, save_model_card, upload_files
 from .lr_schedule import learning_rate_factor
 from .methods import FedLoraConfig
 from .privacy import FederatedPrivacy, PerExampleGradients, check_no_batch_statistics, check_supported
@@ -692,18 +692,7 @@ class FederatedTrainer(Trainer):
         args = self.args
         config = _federated_config(self.model)
         return {
-            "method": config.federated_dict(),
-            "base_model": config.base_model_name_or_path,
-            "base_model_class": base_model_class(self.model),
-            "num_labels": getattr(getattr(self.model, "config", None), "num_labels", None),
-            "task_type": str(config.task_type.value if hasattr(config.task_type, "value") else config.task_type),
-            "lora": {
-                "r": config.r,
-                "lora_alpha": config.lora_alpha,
-                "target_modules": sorted(config.target_modules)
-                if isinstance(config.target_modules, (set, list))
-                else config.target_modules,
-            },
+            **model_record(self.model, config),
             "rounds": self._rounds_done,
             "num_clients": len(self.client_datasets),
             "clients_per_round": args.clients_per_round or len(self.client_datasets),

@@ -33,7 +33,7 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from transformers.utils import logging
 
 from ..federation.adapter_state import adapter_parameters, load_into, snapshot
-from ..hub import FEDERATED_RECORD_NAME, base_model_class, save_model_card
+from ..hub import FEDERATED_RECORD_NAME, model_record, save_model_card
 from ..methods import FedLoraConfig
 from ..privacy import FederatedPrivacy
 from .task import load_task, training_args_from_run_config
@@ -318,18 +318,7 @@ class FlowerServer:
         publish = not self.privacy.enabled or bool(args.publish_unprotected_statistics)
         names = sorted(self.clients, key=lambda name: self.clients[name]["partition-id"])
         record = {
-            "method": config.federated_dict(),
-            "base_model": config.base_model_name_or_path,
-            "base_model_class": base_model_class(self.model),
-            "num_labels": getattr(getattr(self.model, "config", None), "num_labels", None),
-            "task_type": str(getattr(config.task_type, "value", config.task_type)),
-            "lora": {
-                "r": config.r,
-                "lora_alpha": config.lora_alpha,
-                "target_modules": sorted(config.target_modules)
-                if isinstance(config.target_modules, (set, list))
-                else config.target_modules,
-            },
+            **model_record(self.model, config),
             "rounds": len(self.round_history),
             "num_clients": len(names),
             "clients_per_round": args.clients_per_round or len(names),
