@@ -320,13 +320,14 @@ def _template_context(
         "task_type": task_type,
         "lora": {"r": lora.get("r"), "lora_alpha": lora.get("lora_alpha"), "target_modules": target_modules},
         "federation": _federation_context(record),
-        "results": _results_table(history, private),
+        "results": _results_table(history, private, privacy.get("unit")),
         "has_eval": _eval_metrics(history) is not None,
         "load": _load_context(record, task_type, base_model, repo_id),
         "citations": citations,
         "record_name": FEDERATED_RECORD_NAME,
         "unprotected_published": bool(record.get("unprotected_statistics_published")),
         "continued": _continued_context(record.get("continued_from")),
+        "selection": _selection_text(record),
     }
 
 
@@ -350,7 +351,7 @@ def _privacy_context(privacy: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"Unknown privacy unit {unit!r}: the card will not guess what the guarantee protects")
     clients = privacy.get("clients") or {}
     target = privacy.get("target_epsilon")
-    return {
+    context = {
         "epsilon": format_epsilon(privacy["epsilon"]),
         "delta": format_delta(privacy["delta"]),
         "unit": unit,
@@ -373,6 +374,29 @@ def _privacy_context(privacy: Mapping[str, Any]) -> dict[str, Any]:
             for name, c in clients.items()
         ],
     }
+    if unit == "client":  # DP-FedAvg: one mechanism for the whole federation
+        context.update(
+            relation=privacy.get("neighbouring_relation", "add_or_remove_one"),
+            noise_multiplier=_number(privacy.get("noise_multiplier")),
+            sample_rate=_number(privacy.get("sample_rate")),
+            sample_rate_is_one=privacy.get("sample_rate") == 1,
+            expected_clients=_number(privacy.get("expected_clients_per_round"), "g"),
+            releases_per_round=int(privacy.get("releases_per_round") or 1),
+            rounds=_number(privacy.get("rounds"), "d"),
+        )
+    return context
+
+
+def _selection_text(record: Mapping[str, Any]) -> str:
+    """How the settings were chosen: tuning on the private training data is outside epsilon (Papernot and Steinke,
+    2022), so the card says what the record knows of it."""
+    said = record.get("hyperparameter_selection")
+    if said:
+        return f"How the settings were chosen: {said}"
+    return (
+        "How the settings (learning rate, batch, rounds, ...) were chosen is not recorded: if they were tuned with "
+        "runs on these clients' training data, that tuning is outside ε (Papernot and Steinke, 2022)."
+    )
 
 
 def _federation_context(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -414,15 +438,17 @@ def _federation_context(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _results_table(history: Sequence[Mapping[str, Any]], private: bool) -> dict[str, Any]:
+def _results_table(history: Sequence[Mapping[str, Any]], private: bool, unit: str | None = None) -> dict[str, Any]:
     """Per-round rows: round, clients, train loss, epsilon (private runs only), then any eval metrics."""
     metrics = sorted({key for entry in history for key in entry if _is_eval_metric(key)})
     losses = any("train_loss" in entry for entry in history)  # under DP only when published on request
-    header = ["Round", "Clients"] + (["Train loss"] if losses else []) + (["ε (max over clients)"] if private else [])
-    header += [key.replace("_", " ") for key in metrics]
+    counts = any("clients" in entry for entry in history)  # never under client-level DP: who took part is secret
+    header = ["Round"] + (["Clients"] if counts else []) + (["Train loss"] if losses else [])
+    epsilon = "ε" if unit == "client" else "ε (max over clients)"
+    header += ([epsilon] if private else []) + [key.replace("_", " ") for key in metrics]
     rows = []
     for entry in history:
-        row = [_number(entry.get("round"), "d"), _number(entry.get("clients"), "d")]
+        row = [_number(entry.get("round"), "d")] + ([_number(entry.get("clients"), "d")] if counts else [])
         if losses:
             row.append(_number(entry.get("train_loss"), ".4f"))
         if private:

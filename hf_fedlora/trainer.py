@@ -1,10 +1,12 @@
 """`FederatedTrainer`: a `transformers.Trainer` that simulates LoRA clients and runs federated rounds.
 
-One base model lives in memory. A client is its data shard, its sampling RNG and its
-privacy state; its adapter is swapped into the model's LoRA parameters at the start of
-its local work and the upload is read back out. The trainer never names a method: the
-method object (built from the PEFT config) says what trains, what is sent and how the
-server combines it; the privacy engine says how much noise and whether a step may run.
+The trainer is the Trainer integration: callbacks, evaluation, logging, checkpoints, the record, the card and the
+push. The server half (plan, participants, sub-rounds, min-clients, aggregation, the privacy account) is
+`hf_fedlora.server.Federation`, which drives this trainer's client round (`local_round`) in process, as a Flower
+Grid drives it across machines. One base model lives in memory: a client is its data shard and its privacy state;
+its adapter is swapped into the model's LoRA parameters for its local work and the release is read back out. The
+trainer never names a method, and what each privacy mode does inside a client round is the privacy layer's
+(`hf_fedlora.privacy.client_round`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,7 @@ import math
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,34 +32,32 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 from transformers.utils import logging
 
-from .federation.adapter_state import (
-    adapter_parameters,
-    factor_of,
-    load_into,
-    parameters_of,
-    snapshot,
-)
+from .atomic_json import write_json_atomically
+from .federation.adapter_state import adapter_parameters, factor_of, load_into, parameters_of, snapshot
 from .federation.partition import DEFAULT_LABEL_COLUMNS, label_histogram, partition_dataset
 from .hub import CARD_NAME, FEDERATED_RECORD_NAME, model_record, save_model_card, upload_files
 from .lr_schedule import learning_rate_factor
 from .methods import FedLoraConfig
-from .privacy import FederatedPrivacy, PerExampleGradients, check_no_batch_statistics, check_supported
-from .privacy.per_example_loss import summed_example_losses
+from .privacy import PerExampleGradients, check_no_batch_statistics, check_supported
+from .privacy.client_level import ClientLevelPrivacy
+from .privacy.modes import client_round_privacy, privacy_from_args, server_accounts
+from .privacy.secret_store import SecretStore, new_run_id
+from .server import ClientFacts, ClientFailure, ClientRelease, Federation, PlanRequest
 from .training_args import FederatedTrainingArguments
 
 logger = logging.get_logger(__name__)
 
-# Private files: what resuming needs. Never pushed (pushes list their files) and never in the card.
+# Private files: what resuming needs. Never pushed (pushes list their files) and never in the card. The secret DP
+# state (noise and sampler streams) is not among them: it lives in the secret store, apart from output_dir.
 RESUME_STATE = "federated_resume_state.json"
 RESUME_WEIGHTS = "federated_resume_adapter.safetensors"
-PRIVACY_LEDGER = "privacy_ledger.json"
 
 
 class FederatedTrainer(Trainer):
     """Federated (and optionally differentially private) LoRA fine-tuning, constructed like any Trainer.
 
-    `train_dataset` is either one `datasets.Dataset`, split among clients as
-    `args.partition` says, or ready-made clients: a list or a dict of datasets.
+    `train_dataset` is either one `datasets.Dataset`, split among clients as `args.partition` says, or ready-made
+    clients: a list or a dict of datasets.
     """
 
     def __init__(
@@ -71,12 +70,12 @@ class FederatedTrainer(Trainer):
         if not isinstance(args, FederatedTrainingArguments):
             raise ValueError(f"args must be FederatedTrainingArguments, got {type(args).__name__}")
         config = _federated_config(model)
-        self.client_datasets, self._clients_given = _clients_from(train_dataset, args)
+        self.client_datasets, self._clients_given, self._partition_draws = _clients_from(train_dataset, args)
         super().__init__(model=model, args=args, train_dataset=None, **kwargs)
 
         self.method = config.build_method()
         self._adapter = adapter_parameters(self.model)
-        self.privacy = FederatedPrivacy.from_args(args)
+        self.privacy = privacy_from_args(args)
         _check_data(self.model, config, self.client_datasets, self.eval_dataset, args.label_column)
         if self._per_example_dp:
             check_supported(self.model, set(self._adapter))
@@ -85,20 +84,28 @@ class FederatedTrainer(Trainer):
         if self.continued_from is None:  # a fresh adapter: every client draws the same A from the shared seed
             self.method.initialize(self.model)
         self._per_example_gradients = PerExampleGradients(self.model)
-        self._loss_scaler: torch.amp.GradScaler | None = None  # fp16 without per-example DP: one per client round
+        self._round = None  # the privacy object of the client round in progress
         self._set_trainable(self.method.trained_factors(0, 0, 0))
         self._global_state = snapshot(self._adapter)
         self.client_label_histograms = _label_histograms(self.client_datasets, args.label_column)
-        self._rounds_done = 0
-        self._round_history: list[dict[str, float]] = []
-        self._schedule: dict[int, list[str]] = {}  # participants per round, drawn once (kept by checkpoints)
-        self._failed_clients: dict[int, list[str]] = {}
         # A client's position in the federation: derives its dropout and shuffling streams (and, under DP, the
         # privacy engine derives its secret streams from it). A driver that builds a trainer over one client's
         # data (e.g. a Flower ClientApp) sets that client's federation-wide index here.
         self.client_indices = {name: index for index, name in enumerate(self.client_datasets)}
-        self._participation_rng = np.random.default_rng(args.seed)
         self._prepared_clients: dict[str, Dataset] | None = None
+        facts = {
+            name: ClientFacts(len(data), self.local_steps_for(len(data))) for name, data in self.client_datasets.items()
+        }
+        self.federation = Federation(
+            self.method,
+            args,
+            facts,
+            self._global_state,
+            InProcessClients(self),
+            client_level=self.privacy if isinstance(self.privacy, ClientLevelPrivacy) else None,
+            accounts=server_accounts(args),
+        )
+        self._run_id = new_run_id()  # names this run's secret state in the secret store
         self._model_card_kwargs: dict[str, Any] = {}
         self._saved_files: list[str] = []
         if hasattr(self.model, "add_model_tags"):
@@ -108,8 +115,10 @@ class FederatedTrainer(Trainer):
     def _continue_from(self, config: FedLoraConfig) -> dict[str, Any] | None:
         """None for a fresh adapter; for a trained one, compose with what its recorded run spent (or refuse).
 
-        A trained adapter (some lora_B not zero) is never re-initialised. Under DP its earlier privacy
-        loss composes with this run's unless the user knowingly starts a new budget.
+        A trained adapter (some lora_B not zero) is never re-initialised. Under DP its earlier privacy loss composes
+        with this run's, per example: by client when the clients are the recorded ones (the same partition of one
+        dataset, which places each example by its content; or the same natural clients), else every client starts
+        from the worst of the recorded clients' histories. Unless the user knowingly starts a new budget.
         """
         if all(not p.any() for name, p in self._adapter.items() if ".lora_B." in name):
             return None
@@ -143,7 +152,27 @@ class FederatedTrainer(Trainer):
                 "The adapter was trained without differential privacy on (presumably) the same data: no epsilon "
                 f"can be claimed for those data by continuing it under DP. {fix}"
             )
-        self.privacy.compose_with(prior["privacy"])
+        same_split = (
+            not self._clients_given
+            and prior.get("partition") == self._partition_record()
+            and prior.get("num_clients") == len(self.client_datasets)
+        )
+        if isinstance(self.privacy, ClientLevelPrivacy):
+            if not (same_split or self._clients_given):
+                raise ValueError(
+                    "Under dp_unit='client' a continued run composes with the recorded run only for the same clients, "
+                    f"but this run splits the data differently (recorded partition {prior.get('partition')}; now "
+                    f"{self._partition_record()}). Split it as before. {fix}"
+                )
+            assumed = " (assumed: ready-made clients)" if self._clients_given else ""
+            continued["composed"] = "the same clients" + assumed
+            self.privacy.compose_with(prior["privacy"])
+            return continued
+        # Example unit: by client only when an example's client is known to be the same: the same partition of one
+        # dataset (placed by content) into the same clients. Otherwise each client answers for the worst history.
+        by_name = same_split and set(prior["privacy"].get("clients") or {}) == set(self.client_datasets)
+        continued["composed"] = "by client" if by_name else "worst earlier client"
+        self.privacy.compose_with(prior["privacy"], by_name=by_name)
         return continued
 
     # ------------------------------------------------------------------------------------
@@ -158,38 +187,10 @@ class FederatedTrainer(Trainer):
         """
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
-        args = self.args
-        clients = self._clients_ready_for_training()
-        rounds = range(self._rounds_done, args.num_rounds)
-        client_unit = self.privacy.enabled and self.privacy.unit == "client"
-        participation_state = self._participation_rng.bit_generator.state  # restored if the plan is refused
-        new_rounds = [r for r in rounds if r not in self._schedule]
-        schedule = dict(self._schedule)
-        if not client_unit:
-            schedule.update({r: self._sample_participants(list(clients)) for r in new_rounds})
-        local_steps = {name: self._local_steps(len(data)) for name, data in clients.items()}
-        if client_unit:  # a client's step is a round: every client is accounted in every round
-            planned_steps = dict.fromkeys(clients, len(rounds))
-        else:
-            planned_steps = {
-                name: sum(local_steps[name] * self.method.num_sub_rounds(r) for r in rounds if name in schedule[r])
-                for name in clients
-            }
+        args, federation = self.args, self.federation
+        self._clients_ready_for_training()
+        federation.plan(args.num_rounds)
         if self.privacy.enabled:
-            try:
-                self.privacy.plan(
-                    {name: len(data) for name, data in clients.items()},
-                    self._logical_batch_size,
-                    planned_steps,
-                    self.args.device,
-                    client_rate=(args.clients_per_round or len(clients)) / len(clients),
-                    releases_per_round=max((self.method.num_sub_rounds(r) for r in rounds), default=1),
-                )
-            except ValueError:
-                self._participation_rng.bit_generator.state = participation_state
-                raise
-            if client_unit:  # who takes part must stay secret for the client-sampling amplification
-                schedule.update({r: self.privacy.sample_participants(list(clients)) for r in new_rounds})
             logger.info(f"Differential privacy (unit: one {self.privacy.unit}): {self._privacy_summary()}")
             if self.privacy.seeded:
                 logger.warning(
@@ -198,29 +199,26 @@ class FederatedTrainer(Trainer):
                 )
         else:
             logger.warning("Non-private run: no differential-privacy guarantee (set dp_target_epsilon for one).")
-
-        self._schedule = schedule
         self.state.max_steps = args.num_rounds
-        self.state.global_step = self._rounds_done
+        self.state.global_step = federation.rounds_done
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)
         try:
-            for round_index in rounds:
+            for round_index in range(federation.rounds_done, args.num_rounds):
                 self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
-                losses = self._run_round(round_index, schedule[round_index], local_steps)
-                if client_unit:
-                    self.privacy.record_round(list(clients))
-                self._rounds_done = round_index + 1
-                self.state.global_step = self._rounds_done
-                self.state.epoch = float(self._rounds_done)
-                self._log_round(round_index, schedule[round_index], losses)
+                entry = federation.run_round(round_index)
+                self._write_secret_state()  # before anything of the round is published
+                load_into(self._adapter, self._global_state)
+                self.state.global_step = federation.rounds_done
+                self.state.epoch = float(federation.rounds_done)
+                self._log_round(entry)
                 self.control = self.callback_handler.on_step_end(args, self.state, self.control)
-                last = self._rounds_done == args.num_rounds
-                if self.eval_dataset is not None and (self._rounds_done % args.eval_every_rounds == 0 or last):
-                    self._round_history[-1].update(self.evaluate())
+                last = federation.rounds_done == args.num_rounds
+                if self.eval_dataset is not None and (federation.rounds_done % args.eval_every_rounds == 0 or last):
+                    entry.update(self.evaluate())
                 if self._checkpoint_due():
                     self._save_checkpoint()
                     if args.push_to_hub and str(getattr(args.hub_strategy, "value", args.hub_strategy)) != "end":
-                        self.push_to_hub(commit_message=f"Training in progress, round {self._rounds_done}")
+                        self.push_to_hub(commit_message=f"Training in progress, round {federation.rounds_done}")
                 if self.control.should_training_stop:
                     break
         finally:
@@ -229,60 +227,19 @@ class FederatedTrainer(Trainer):
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
         # A later trainer on this same model continues from this run's record (and composes its privacy).
         _federated_config(self.model).federated_record = self._json_record()
-        losses = [entry["train_loss"] for entry in self._round_history if "train_loss" in entry]
-        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "rounds": self._rounds_done}
+        losses = [entry["train_loss"] for entry in federation.round_history if "train_loss" in entry]
+        metrics = {"train_loss": float(np.mean(losses)) if losses else float("nan"), "rounds": federation.rounds_done}
         if self.privacy.enabled:
-            metrics["epsilon"] = self.privacy.max_epsilon()
-        return TrainOutput(global_step=self._rounds_done, training_loss=metrics["train_loss"], metrics=metrics)
+            metrics["epsilon"] = federation.max_epsilon()
+        return TrainOutput(global_step=federation.rounds_done, training_loss=metrics["train_loss"], metrics=metrics)
 
-    def _run_round(self, round_index: int, participants: list[str], local_steps: Mapping[str, int]) -> list[float]:
-        losses: list[float] = []
-        for sub_round in range(self.method.num_sub_rounds(round_index)):
-            uploads, weights = [], []
-            streaming = self.method.streaming_aggregator()  # folds uploads as they arrive; None: keep them all
-            bar = tqdm(participants, desc=f"round {round_index + 1}", leave=False, disable=self.args.disable_tqdm)
-            failed = []
-            for name in bar:
-                try:
-                    upload, client_losses = self.local_round(name, round_index, sub_round, local_steps[name])
-                except Exception as error:  # one client's failure need not cost the round (its spend stays counted)
-                    if self.args.min_clients_per_round is None:
-                        raise
-                    logger.warning(f"Client {name!r} failed in round {round_index + 1}: {error!r}")
-                    failed.append(name)
-                    continue
-                losses.extend(client_losses)
-                if upload is not None and streaming is not None:
-                    streaming.add(upload, self._aggregation_weight(name))
-                elif upload is not None:
-                    uploads.append(upload)
-                    weights.append(self._aggregation_weight(name))
-            self._check_enough_clients(round_index, participants, failed)
-            if streaming is not None and streaming.count:
-                self._global_state.update(streaming.result())
-            if uploads:
-                self.apply_uploads(uploads, weights)
-        load_into(self._adapter, self._global_state)
-        return losses
-
-    def _check_enough_clients(self, round_index: int, participants: list[str], failed: list[str]) -> None:
-        if not failed:
-            return
-        finished = len(participants) - len(failed)
-        self._failed_clients.setdefault(round_index + 1, []).extend(failed)
-        if finished < self.args.min_clients_per_round:
-            raise RuntimeError(
-                f"Round {round_index + 1}: only {finished} of {len(participants)} clients finished (failed: "
-                f"{failed}), fewer than min_clients_per_round={self.args.min_clients_per_round}. The global adapter "
-                f"is the one after round {round_index}; the failed clients' spent privacy is counted."
-            )
-        logger.warning(
-            f"Round {round_index + 1} aggregates the {finished} clients that finished; {failed} failed, left out."
-        )
+    @property
+    def _rounds_done(self) -> int:
+        return self.federation.rounds_done
 
     def apply_uploads(self, uploads: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> None:
-        """The server's step: combine the clients' uploads as the method says and merge the result into the
-        global adapter (an upload may hold part of it, e.g. FFA-LoRA's B). Public, so any driver can call it."""
+        """The method's aggregation of uploads merged into the global adapter (an upload may hold part of it, e.g.
+        FFA-LoRA's B): for a driver that aggregates by hand."""
         self._global_state.update(self.method.aggregate(uploads, weights))
 
     def load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -298,13 +255,26 @@ class FederatedTrainer(Trainer):
 
     def local_steps_for(self, num_examples: int) -> int:
         """Local steps a client with this many examples runs per (sub-)round: local_steps, else local_epochs."""
-        return self._local_steps(num_examples)
+        if self.args.local_steps is not None:
+            return self.args.local_steps
+        epochs = self.args.local_epochs if self.args.local_epochs is not None else 1.0
+        return max(1, math.ceil(epochs * num_examples / self.logical_batch_size))
 
+    @property
+    def logical_batch_size(self) -> int:
+        """Examples per optimizer step (Trainer's convention: per_device_train_batch_size is the physical micro-batch,
+        times gradient_accumulation_steps). Under DP it is the expected Poisson batch: it sets q = logical / n."""
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+
+    # ------------------------------------------------------------------------------------
+    # The client round
+    # ------------------------------------------------------------------------------------
     def local_round(
         self, name: str, round_index: int, sub_round: int, steps: int
     ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
-        """One client's local work from the global adapter: train, clip, noise, account, and return what it
-        releases (None if it ran no step) and its losses (empty under DP unless published on request).
+        """One client's local work from the global adapter: train and return what it releases (None if it ran no
+        step) and its losses (empty under DP unless published on request). What the privacy mode changes (batches,
+        the optimizer, the loss, accounting, the release) is the privacy object's.
 
         Public so that other drivers (e.g. Flower) run the very same client round. Dropout draws from a stream
         derived from the seed, the client and the (sub-)round, so every driver reproduces it.
@@ -316,43 +286,29 @@ class FederatedTrainer(Trainer):
         # Shuffling for non-private local training only (derived per client and round, like dropout); under DP
         # batches come from the privacy engine's secret sampler, never from this published seed.
         shuffle_seed = np.random.SeedSequence([self.args.seed, index, round_index, sub_round, 1]).generate_state(1)[0]
+        shuffle = torch.Generator().manual_seed(int(shuffle_seed))
         load_into(self._adapter, self._global_state)
         self.model.train()
-        per_example = self._per_example_dp
-        optimizer = self._fresh_optimizer()
-        if per_example:
-            optimizer = self.privacy.private_optimizer(
-                optimizer,
-                name,
-                self._logical_batch_size,
-                self._adapter,
-                regulate=self.method.regulates_noise(),
-                noisy_gradient_filter=self.method.noisy_gradient_filter(),
-                loss_scale=self._per_example_loss_scale,
-            )
-        # fp16 without per-example DP: a GradScaler of this client-round's own, so that its adapted scale depends
-        # on no other client's data (under the client unit each client's update must be its own).
-        self._loss_scaler = torch.amp.GradScaler(self.args.device.type) if self.args.fp16 and not per_example else None
+        self._round = self._make_round(name)
+        optimizer = self._round.optimizer(
+            self._fresh_optimizer(),
+            batch_size=self.logical_batch_size,
+            adapter=self._adapter,
+            regulate=self.method.regulates_noise(),
+            noisy_gradient_filter=self.method.noisy_gradient_filter(),
+        )
         data = self._clients_ready_for_training()[name]
         sub_rounds = self.method.num_sub_rounds(round_index)
         schedule = learning_rate_factor(self.args, self.args.num_rounds * sub_rounds * steps)
         first_step = (round_index * sub_rounds + sub_round) * steps  # this (sub-)round's place in the whole run
-        shuffle = torch.Generator().manual_seed(int(shuffle_seed))
-        order = None if per_example else torch.randperm(len(data), generator=shuffle).tolist()
         losses, steps_run = [], 0
         try:
             for step in range(steps):
-                if per_example and not self.privacy.can_step(name):
+                if not self._round.can_step():
                     logger.warning(f"Client {name!r} has spent its privacy budget and stops training.")
                     break
                 self._set_trainable(self.method.trained_factors(round_index, sub_round, step))
-                indices = (
-                    self.privacy.sample_batch(name)
-                    if per_example
-                    else _next_batch(order, step, self._logical_batch_size)
-                )
-                if per_example:  # counted before the step: a step that fails half-way is still spent
-                    self.privacy.record_step(name)
+                indices = self._round.next_batch(step, len(data), self.logical_batch_size, shuffle)
                 for group in optimizer.param_groups:
                     group["lr"] = group["scheduled_from"] * schedule(first_step + step)
                 loss = self._local_step(data, indices, optimizer)
@@ -361,21 +317,27 @@ class FederatedTrainer(Trainer):
                 steps_run += 1
         finally:
             optimizer.zero_grad(set_to_none=True)  # no per-example gradients left for the next client
-            self._write_privacy_ledger()
-        if self.privacy.enabled and not self.args.publish_unprotected_statistics:
-            losses = []  # computed without noise: under DP they stay on the client
+            self._round.close()  # the secret state is on disk before anything computed from it leaves
+        round_privacy, self._round = self._round, None
         if steps_run == 0:
-            return None, losses
-        upload = snapshot(parameters_of(self._adapter, self.method.uploaded_factors(round_index, sub_round)))
-        if self.privacy.enabled and self.privacy.unit == "client":
-            start = {key: self._global_state[key] for key in upload}
-            upload = self.privacy.release(name, start, upload, self._global_state, self.method.regulates_noise())
-            self._write_privacy_ledger()  # the noise stream moved: on disk before the release leaves
-        return upload, losses
+            return None, round_privacy.published_losses(losses)
+        trained = snapshot(parameters_of(self._adapter, self.method.uploaded_factors(round_index, sub_round)))
+        start = {key: self._global_state[key] for key in trained}
+        return round_privacy.release(start, trained), round_privacy.published_losses(losses)
+
+    def _make_round(self, name: str | None):
+        return client_round_privacy(
+            self.args,
+            self.accelerator,
+            self.privacy if self._per_example_dp else None,
+            name,
+            loss_scale=self._per_example_loss_scale,
+            on_close=self._write_secret_state,
+        )
 
     @property
     def _per_example_dp(self) -> bool:
-        """DP-SGD inside the client (example unit); under the client unit only the round's update is noised."""
+        """DP-SGD inside the client (example unit); under the client unit only the round's update is clipped."""
         return self.privacy.enabled and self.privacy.unit == "example"
 
     @property
@@ -387,41 +349,23 @@ class FederatedTrainer(Trainer):
     def _local_step(self, data: Dataset, indices: list[int], optimizer: torch.optim.Optimizer) -> float | None:
         """One optimizer step on one logical batch, run in micro-batches of at most per_device_train_batch_size.
 
-        Under DP each micro-batch's per-example gradients are clipped and summed into the logical batch's sum
-        (Opacus's skipped steps, as its BatchMemoryManager does); the noise is added and the optimizer steps
-        once, after the last micro-batch. An empty Poisson batch still takes a (pure-noise) step.
+        Under DP each micro-batch's per-example gradients are clipped and summed into the logical batch's sum; the
+        noise is added and the optimizer steps once, after the last micro-batch. An empty Poisson batch still takes
+        a (pure-noise) step.
         """
+        round_privacy = self._round or self._make_round(None)
         if not indices:
-            for parameter in self._trainable_parameters():
-                parameter.grad_sample = torch.zeros((0, *parameter.shape), device=parameter.device)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            round_privacy.empty_step(optimizer, self._trainable_parameters())
             return None
         size = self.args.per_device_train_batch_size
-        if self._per_example_dp and len(indices) > size:
+        if round_privacy.per_example and len(indices) > size:
             indices = self._sorted_by_length(data, indices)
         micro_batches = [indices[start : start + size] for start in range(0, len(indices), size)]
         loss = 0.0
         for position, micro_batch in enumerate(micro_batches):
-            last = position == len(micro_batches) - 1
-            # Without DP the micro-batch's mean loss is weighted so the gradients add up to the logical mean.
             loss += self._backward_batch(data, micro_batch, len(micro_batch) / len(indices)) * len(micro_batch)
-            if self._per_example_dp:
-                optimizer.signal_skip_step(do_skip=not last)  # clip and sum now; noise and step after the last
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)  # frees this micro-batch's per-example gradients only
-        if not self._per_example_dp:
-            scaler = self._loss_scaler
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, as Trainer does
-            if self.args.max_grad_norm and self.args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), self.args.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped if a gradient overflowed; the scale then shrinks
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            round_privacy.after_micro_batch(optimizer, last=position == len(micro_batches) - 1)
+        round_privacy.finish_step(optimizer, self._trainable_parameters())
         return loss / len(indices)
 
     def _sorted_by_length(self, data: Dataset, indices: list[int]) -> list[int]:
@@ -436,39 +380,19 @@ class FederatedTrainer(Trainer):
         return [index for _, index in sorted(zip(lengths, indices, strict=True), key=lambda pair: pair[0])]
 
     def _backward_batch(self, data: Dataset, indices: list[int], loss_scale: float = 1.0) -> float:
-        """Forward and backward of one (micro-)batch; returns its mean loss. Under DP each example's own loss is
-        summed, so the per-example gradients the hooks record depend on no other example of the batch, and
-        `loss_scale` is ignored (clipping needs each example's whole gradient). Mixed precision (bf16/fp16
-        arguments) autocasts the forward; the adapter's parameters, and so its gradients, stay in float32."""
+        """Forward and backward of one (micro-)batch; returns its mean loss. Without per-example DP the micro-batch's
+        mean loss is weighted by `loss_scale` so micro-batches add up to the logical mean; under DP each example's own
+        loss is summed (the hooks then record gradients that depend on no other example). Mixed precision autocasts
+        the forward; the adapter's parameters, and so its gradients, stay in float32."""
+        round_privacy = self._round or self._make_round(None)
         rows = data[indices]
         features = [{key: values[i] for key, values in rows.items()} for i in range(len(indices))]
         inputs = self._prepare_inputs(self.data_collator(features))
         with self.compute_loss_context_manager(), self.accelerator.autocast():
-            if self._per_example_dp:
-                loss, example_losses = summed_example_losses(self.model, inputs, len(indices), self._causal_lm)
-            else:
-                loss = self.compute_loss(self.model, inputs)
-        if not self._per_example_dp:
-            self._backward(loss * loss_scale)
-            return float(loss.detach())
-        self._backward(loss)
-        self._per_example_gradients.fold_to_batch(len(indices))  # e.g. Swin's windows back to their examples
-        return float(example_losses.float().mean())
+            loss, mean_loss = round_privacy.loss(self.model, inputs, len(indices), self._causal_lm, self.compute_loss)
+        round_privacy.backward(loss, loss_scale, len(indices), self._per_example_gradients)
+        return mean_loss
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        """Backward through the Accelerator, except that fp16 losses are scaled here, not by its GradScaler: under
-        per-example DP by the fixed, public dp_fp16_loss_scale (the DP optimizer divides it out of each example's
-        gradient), otherwise by this client-round's own GradScaler (unscaled before the step)."""
-        if not self.args.fp16:
-            self.accelerator.backward(loss)
-        elif self._per_example_dp:
-            (loss * self._per_example_loss_scale).backward()
-        else:
-            self._loss_scaler.scale(loss).backward()
-
-    # ------------------------------------------------------------------------------------
-    # Pieces of a round
-    # ------------------------------------------------------------------------------------
     def _set_trainable(self, factors: frozenset[str]) -> None:
         """Freeze everything but the given factors; under DP, keep Opacus's hooks on exactly that set."""
         trainable = parameters_of(self._adapter, factors)
@@ -511,28 +435,6 @@ class FederatedTrainer(Trainer):
         task_type = _federated_config(self.model).task_type
         return str(getattr(task_type, "value", task_type)) == "CAUSAL_LM"
 
-    def _local_steps(self, size: int) -> int:
-        if self.args.local_steps is not None:
-            return self.args.local_steps
-        epochs = self.args.local_epochs if self.args.local_epochs is not None else 1.0
-        return max(1, math.ceil(epochs * size / self._logical_batch_size))
-
-    @property
-    def _logical_batch_size(self) -> int:
-        """Examples per optimizer step (Trainer's convention: per_device_train_batch_size is the physical micro-batch,
-        times gradient_accumulation_steps). Under DP it is the expected Poisson batch: it sets q = logical / n."""
-        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-
-    def _sample_participants(self, names: list[str]) -> list[str]:
-        count = self.args.clients_per_round or len(names)
-        chosen = self._participation_rng.choice(len(names), size=count, replace=False)
-        return [names[i] for i in sorted(chosen)]
-
-    def _aggregation_weight(self, name: str) -> float:
-        if self.args.aggregation_weights == "uniform":
-            return 1.0
-        return float(len(self.client_datasets[name]))
-
     def _clients_ready_for_training(self) -> dict[str, Dataset]:
         """Client shards with the columns the model does not take removed (once)."""
         if self._prepared_clients is None:
@@ -547,13 +449,15 @@ class FederatedTrainer(Trainer):
     # ------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
         """checkpoint-N, written whole in a hidden folder and renamed into place: a crash never leaves a folder
-        that a later run would take for a checkpoint."""
-        final = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self._rounds_done}")
-        partial = os.path.join(self.args.output_dir, f".partial-{PREFIX_CHECKPOINT_DIR}-{self._rounds_done}")
+        that a later run would take for a checkpoint. It holds no secret DP state (that is in the secret store)."""
+        rounds = self._rounds_done
+        final = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{rounds}")
+        partial = os.path.join(self.args.output_dir, f".partial-{PREFIX_CHECKPOINT_DIR}-{rounds}")
         shutil.rmtree(partial, ignore_errors=True)
         self._save(partial)
         save_file({k: v.contiguous() for k, v in self._global_state.items()}, os.path.join(partial, RESUME_WEIGHTS))
-        _write_json_atomically(os.path.join(partial, RESUME_STATE), self._resume_state())
+        self._write_secret_state()
+        write_json_atomically(os.path.join(partial, RESUME_STATE), self._resume_state(), default=_json_default)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -569,21 +473,24 @@ class FederatedTrainer(Trainer):
 
     def _resume_state(self) -> dict[str, Any]:
         return {
-            "rounds_done": self._rounds_done,
             "clients": list(self.client_datasets),
-            "round_history": self._round_history,
+            "private": self.privacy.enabled,
+            "secret_state": self._run_id if self.privacy.enabled else None,
+            "federation": self.federation.state_dict(),
             "log_history": self.state.log_history,
-            "schedule": {str(r): names for r, names in self._schedule.items()},
-            "failed_clients": {str(r): names for r, names in self._failed_clients.items()},
-            "participation_rng": self._participation_rng.bit_generator.state,
-            "privacy": self.privacy.state_dict() if self.privacy.enabled else None,
         }
 
-    def _write_privacy_ledger(self) -> None:
-        """Every client's spent history and secret RNG states, on disk before anything is released, so a crash
-        between checkpoints can over-count privacy but never under-count it or replay a noise stream."""
-        if self.privacy.enabled and self._checkpoints_on:
-            _write_json_atomically(os.path.join(self.args.output_dir, PRIVACY_LEDGER), self.privacy.state_dict())
+    def _secret_store(self) -> SecretStore:
+        return SecretStore(self._run_id)
+
+    def _write_secret_state(self) -> None:
+        """Every client's spent history and secret RNG states (and the aggregator's), in the secret store, before
+        anything computed from them is released: a crash can over-count privacy but never under-count it or replay
+        a noise stream. Only when the run can be resumed (checkpoints on)."""
+        if not (self.privacy.enabled and self._checkpoints_on):
+            return
+        engine = self.privacy.state_dict() if self._per_example_dp else None
+        self._secret_store().save({"engine": engine, "aggregator": self.federation.secret_state_dict()})
 
     @property
     def _checkpoints_on(self) -> bool:
@@ -604,28 +511,38 @@ class FederatedTrainer(Trainer):
                 f"The checkpoint {path} was made with clients {state['clients']}, this trainer has "
                 f"{list(self.client_datasets)}: resume with the same data and partition"
             )
-        if (state["privacy"] is not None) != self.privacy.enabled:
+        if bool(state["private"]) != self.privacy.enabled:
             raise ValueError(f"The checkpoint {path} and these arguments disagree on whether the run is private")
-        self._global_state = {k: v for k, v in load_file(os.path.join(path, RESUME_WEIGHTS)).items()}
-        load_into(self._adapter, self._global_state)
-        self._rounds_done = int(state["rounds_done"])
-        self._round_history = state["round_history"]
-        self.state.log_history = state["log_history"]
-        self._schedule = {int(r): names for r, names in state["schedule"].items()}
-        self._failed_clients = {int(r): names for r, names in state["failed_clients"].items()}
-        self._participation_rng.bit_generator.state = state["participation_rng"]
+        secret = None
         if self.privacy.enabled:
-            self.privacy.load_state_dict(state["privacy"], self.args.device)
-            ledger = os.path.join(self.args.output_dir, PRIVACY_LEDGER)
-            if os.path.isfile(ledger):
-                with open(ledger) as handle:
-                    behind = self.privacy.catch_up_with_ledger(json.load(handle), self.args.device)
+            self._run_id = state["secret_state"]
+            secret = self._secret_store().load()  # refuses clearly when missing
+        self._global_state.update(load_file(os.path.join(path, RESUME_WEIGHTS)))
+        load_into(self._adapter, self._global_state)
+        self.federation.load_state_dict(state["federation"])
+        self.state.log_history = state["log_history"]
+        if secret is not None:
+            self.federation.load_secret_state_dict(secret.get("aggregator"))
+            if self._per_example_dp:
+                self.privacy.load_state_dict(secret["engine"], self.args.device)
+                behind = self._clients_ahead_of_checkpoint()
                 if behind:
                     logger.warning(
                         f"Clients {behind} ran steps after {path} before the run stopped: those steps stay counted "
                         "(their noise for the remaining steps is recalibrated to stay within the target)."
                     )
         logger.info(f"Resumed from {path} after round {self._rounds_done}")
+
+    def _clients_ahead_of_checkpoint(self) -> list[str]:
+        """Clients whose secret state (always the newest) ran more steps than the checkpoint's account."""
+        accounts = self.federation.accounts
+        behind = [
+            name
+            for name, client in self.privacy.clients.items()
+            if name in accounts.clients and client.steps_taken > _steps(accounts.clients[name].own_history())
+        ]
+        self.privacy.recalibrate_on_next_plan(behind)
+        return behind
 
     def _checkpoint_due(self) -> bool:
         """Trainer's save_strategy, counted in rounds: "epoch" saves every round, "steps" every save_steps rounds."""
@@ -637,25 +554,19 @@ class FederatedTrainer(Trainer):
             return self._rounds_done % every == 0
         return False
 
-    def _log_round(self, round_index: int, participants: list[str], losses: list[float]) -> None:
-        logs: dict[str, float] = {"round": round_index + 1}
-        secret_participation = self.privacy.enabled and self.privacy.unit == "client" and self.privacy.client_rate < 1
-        if not secret_participation:  # under client-level amplification even the count of participants is secret
-            logs["clients"] = len(participants)
-        if losses:
-            logs["train_loss"] = float(np.mean(losses))
-        if self.privacy.enabled and self._epsilon_logged(round_index + 1):
-            logs["epsilon"] = self.privacy.max_epsilon()
-            logs["delta"] = self.privacy.delta
-        self._round_history.append(dict(logs))
-        self.log(logs)
+    def _log_round(self, entry: dict[str, Any]) -> None:
+        """The round's entry (the federation's: participant counts only where participation is public), with the
+        epsilon spent so far at the logging cadence, to `report_to` and the history."""
+        if self.privacy.enabled and self._epsilon_logged(entry["round"]):
+            entry["epsilon"] = self.federation.max_epsilon()
+            entry["delta"] = self.privacy.delta
+        self.log(dict(entry))
 
     def _epsilon_logged(self, rounds_done: int) -> bool:
         """Whether this round's log carries the epsilon spent so far: at Trainer's logging cadence (a round is a
         step: `logging_steps` rounds, every round for "epoch", never for "no") and always after the last round.
-        A PRV call per client whose history changed costs 10-30 ms, more than a tiny model's client round (the
-        10% overhead target: benchmarks/RESULTS.md, section 6); the accountant records
-        every step either way, and `privacy_report()` gives the epsilon spent at any time."""
+        A PRV call per client whose history changed costs 10-30 ms, more than a tiny model's client round; the
+        accountant records every step either way, and `privacy_report()` gives the epsilon spent at any time."""
         if rounds_done >= self.args.num_rounds:
             return True
         strategy = str(getattr(self.args.logging_strategy, "value", self.args.logging_strategy))
@@ -668,49 +579,47 @@ class FederatedTrainer(Trainer):
         return rounds_done % every == 0
 
     def _privacy_summary(self) -> str:
-        parts = [
-            f"{name}: n={c.num_examples}, q={c.sample_rate:.4g}, sigma={c.noise_multiplier:.4g}, "
-            f"budget={c.step_budget} steps"
-            for name, c in self.privacy.clients.items()
-        ]
-        target = self.privacy.target_epsilon
-        return (
-            f"target epsilon={target}, delta={self.privacy.delta}, clip norm={self.privacy.clip_norm} "
-            f"({self.privacy.clipping}), "
-            f"accountant={self.privacy.accountant_name}; " + "; ".join(parts)
+        report = self.privacy_report()
+        common = (
+            f"target epsilon={report.get('target_epsilon')}, delta={report.get('delta')}, clip norm="
+            f"{report.get('clip_norm')} ({report.get('clipping')}), accountant={report.get('accountant')}"
+        )
+        if report.get("unit") == "client":  # one mechanism for everyone; nothing per client is published
+            return (
+                f"{common}, neighbouring relation={report['neighbouring_relation']}: sample rate q="
+                f"{report['sample_rate']:.4g}, expected clients per round={report['expected_clients_per_round']:g}, "
+                f"sigma={report['noise_multiplier']:.4g}"
+            )
+        return f"{common}; " + "; ".join(
+            f"{name}: n={c['num_examples']}, q={c['sample_rate']:.4g}, sigma={c['noise_multiplier']:.4g}"
+            for name, c in report.get("clients", {}).items()
         )
 
     # ------------------------------------------------------------------------------------
     # Reports and saving
     # ------------------------------------------------------------------------------------
     def privacy_report(self) -> dict[str, Any]:
-        """Epsilon per client and the (sigma, sample rate, steps) history behind it; names unit and accountant."""
-        return self.privacy.report()
+        """The run's privacy account: the server half's, re-derived from what it planned and scheduled (example
+        unit: epsilon per client and the (sigma, sample rate, steps) history behind it; client unit: the
+        federation's one history). Names the unit and the accountant."""
+        if self.federation.private and (self.federation.rounds_done or self.federation.accounts is None):
+            return self.federation.privacy_report()
+        return self.privacy.report()  # before the first round: what the engine knows (composed earlier runs)
 
     def federated_record(self) -> dict[str, Any]:
         """What was run: method, federation, partition and the privacy record (saved beside the adapter)."""
-        args = self.args
         config = _federated_config(self.model)
-        return {
-            **model_record(self.model, config),
-            "rounds": self._rounds_done,
-            "num_clients": len(self.client_datasets),
-            "clients_per_round": args.clients_per_round or len(self.client_datasets),
-            "local_steps": args.local_steps,
-            "local_epochs": args.local_epochs,
-            "batch_size": self._logical_batch_size,
-            "physical_batch_size": args.per_device_train_batch_size,
-            "learning_rate": args.learning_rate,
-            "aggregation_weights": args.aggregation_weights,
-            "partition": self._partition_record(),
-            "client_sizes": {name: len(data) for name, data in self.client_datasets.items()},
-            "client_label_histograms": self.client_label_histograms if self._publishes_unprotected else {},
-            "unprotected_statistics_published": self.privacy.enabled and self._publishes_unprotected,
-            "continued_from": self.continued_from,
-            "failed_clients": {str(r): names for r, names in self._failed_clients.items()},
-            "privacy": self.privacy_report(),
-            "round_history": self._round_history,
-        }
+        publish = self._publishes_unprotected
+        record = {**model_record(self.model, config), **self.federation.record()}
+        record.update(privacy=self.privacy_report(), partition=self._partition_record())
+        if publish or not self.federation.secret_participation:  # under client-level DP, not even the key
+            record["client_label_histograms"] = self.client_label_histograms if publish else {}
+        record.update(
+            unprotected_statistics_published=self.privacy.enabled and publish,
+            continued_from=self.continued_from,
+            hyperparameter_selection=self.args.hyperparameter_selection,
+        )
+        return record
 
     @property
     def _publishes_unprotected(self) -> bool:
@@ -728,6 +637,9 @@ class FederatedTrainer(Trainer):
             record["label_proportions"] = args.parsed_label_proportions()
         if args.partition == "column":
             record["client_column"] = args.client_column
+        if self._partition_draws is not None:
+            record["min_size"] = args.partition_min_size
+            record["draws"] = self._partition_draws
         return record
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -821,6 +733,50 @@ class FederatedTrainer(Trainer):
         )
 
 
+class InProcessClients:
+    """The in-process client runner of the `Federation`: every client's round on this trainer's one model."""
+
+    def __init__(self, trainer: FederatedTrainer):
+        self.trainer = trainer
+
+    def plan(self, requests: Mapping[str, PlanRequest]) -> dict[str, dict[str, Any]]:
+        """Every client calibrates its noise against what its examples already spent (all at once: grid and shared
+        calibration look at every client)."""
+        trainer, engine = self.trainer, self.trainer.privacy
+        sizes = {name: len(trainer.client_datasets[name]) for name in requests}
+        first = next(iter(requests.values()))
+        engine.plan(
+            sizes,
+            first.batch_size,
+            {name: request.planned_steps for name, request in requests.items()},
+            trainer.args.device,
+            total_examples=first.total_examples,
+        )
+        return {name: engine.plan_reply(name) for name in requests}
+
+    def run(
+        self,
+        names: Sequence[str],
+        round_index: int,
+        sub_round: int,
+        steps: Mapping[str, int],
+        global_state: Mapping[str, torch.Tensor],
+        progress: bool,
+    ) -> Iterator[tuple[str, ClientRelease | ClientFailure]]:
+        trainer = self.trainer
+        bar = tqdm(names, desc=f"round {round_index + 1}", leave=False, disable=not progress)
+        for name in bar:
+            try:
+                upload, losses = trainer.local_round(name, round_index, sub_round, steps[name])
+            except Exception as error:  # one client's failure need not cost the round (its spend stays counted)
+                if trainer.args.min_clients_per_round is None:
+                    raise
+                yield name, ClientFailure(repr(error))
+                continue
+            report = trainer.privacy.client_report(name) if trainer._per_example_dp else None
+            yield name, ClientRelease(upload, losses, report)
+
+
 # ----------------------------------------------------------------------------------------
 # Input checks and helpers (plain functions: they run before the Trainer is built)
 # ----------------------------------------------------------------------------------------
@@ -843,8 +799,9 @@ def _federated_config(model: Any) -> FedLoraConfig:
 
 def _clients_from(
     train_dataset: Dataset | Sequence[Dataset] | Mapping[str, Dataset] | None, args: FederatedTrainingArguments
-) -> tuple[dict[str, Dataset], bool]:
-    """(name -> client dataset, given ready-made?): from a list/dict or by partitioning; fails before training."""
+) -> tuple[dict[str, Dataset], bool, int | None]:
+    """(name -> client dataset, given ready-made?, partition draws): from a list/dict or by partitioning; fails
+    before training."""
     if train_dataset is None:
         raise ValueError("train_dataset is required: one Dataset to partition, or a list/dict of client datasets")
     if isinstance(train_dataset, DatasetDict):
@@ -853,10 +810,11 @@ def _clients_from(
             "(e.g. ds['train']) to be partitioned into clients, or a plain dict {client name: Dataset} of "
             "ready-made clients"
         )
+    draws = None
     if isinstance(train_dataset, Dataset):
         if args.partition in ("iid", "dirichlet") and args.num_clients is None:
             raise ValueError(f"num_clients must be set to split train_dataset with partition={args.partition!r}")
-        clients = partition_dataset(
+        partition = partition_dataset(
             train_dataset,
             scheme=args.partition,
             num_clients=args.num_clients,
@@ -866,7 +824,7 @@ def _clients_from(
             label_proportions=args.parsed_label_proportions(),
             client_column=args.client_column,
         )
-        given = False
+        clients, given, draws = dict(partition), False, getattr(partition, "draws", None)
     elif isinstance(train_dataset, Mapping):
         clients = {str(name): data for name, data in train_dataset.items()}
         given = True
@@ -888,7 +846,7 @@ def _clients_from(
         raise ValueError(f"Clients {empty} have no examples: every client needs data")
     if args.clients_per_round is not None and args.clients_per_round > len(clients):
         raise ValueError(f"clients_per_round={args.clients_per_round} exceeds the {len(clients)} clients")
-    return clients, given
+    return clients, given, draws
 
 
 def _check_data(
@@ -975,13 +933,8 @@ def _label_histograms(clients: Mapping[str, Dataset], label_column: str | None) 
     return histograms
 
 
-def _next_batch(order: list[int], step: int, size: int) -> list[int]:
-    """Consecutive slices of a shuffled order, wrapping around (non-private local training)."""
-    start = (step * size) % len(order)
-    batch = order[start : start + size]
-    if len(batch) < size:
-        batch = batch + order[: size - len(batch)]
-    return batch
+def _steps(history: Sequence[Sequence[float]]) -> int:
+    return sum(int(n) for _, _, n in history)
 
 
 def _json_default(value: Any) -> Any:
@@ -990,20 +943,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     return str(value)
-
-
-def _write_json_atomically(path: str, value: Any) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(value, stream, default=_json_default)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise

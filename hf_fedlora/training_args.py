@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -10,9 +11,11 @@ from transformers import SchedulerType, TrainingArguments
 
 from .lr_schedule import check_schedule
 from .privacy import ACCOUNTANTS
+from .privacy.client_level import NEIGHBOURING_RELATIONS
 from .privacy.dp_optimizer import CLIPPINGS
 from .privacy.engine import UNITS
 
+SECRET_MASK = "<DP_SECRET_SEED>"
 PARTITIONS = ("iid", "dirichlet", "label_proportions", "column")
 AGGREGATION_WEIGHTS = ("num_examples", "uniform")
 NOISE_CALIBRATIONS = ("per_client", "shared", "per_client_grid")
@@ -77,7 +80,11 @@ class FederatedTrainingArguments(TrainingArguments):
     )
     aggregation_weights: str = field(
         default="num_examples",
-        metadata={"help": f"Server weights p_k: one of {AGGREGATION_WEIGHTS} (renormalised over participants)."},
+        metadata={
+            "help": f"Server weights p_k: one of {AGGREGATION_WEIGHTS} (renormalised over participants). Not used "
+            "under dp_unit='client': DP-FedAvg counts every client's clipped update once and divides by the "
+            "expected count."
+        },
     )
     min_clients_per_round: int | None = field(
         default=None,
@@ -116,9 +123,21 @@ class FederatedTrainingArguments(TrainingArguments):
         default="example",
         metadata={
             "help": "Unit of privacy, one of ('example', 'client'). 'example': DP-SGD inside each client, epsilon "
-            "per training example. 'client': clients train without per-example clipping; each client's whole "
-            "round update is clipped to dp_clip_norm and noised before it leaves the client, accounted over rounds "
-            "at the client-sampling rate clients_per_round / num_clients; epsilon for all of one client's data."
+            "per training example. 'client': DP-FedAvg (McMahan et al., 2018): clients train without per-example "
+            "clipping; each sampled client's whole round update is clipped to dp_clip_norm, the aggregator adds "
+            "Gaussian noise once to the sum and divides by the expected count clients_per_round; accounted over "
+            "rounds at the client-sampling rate clients_per_round / num_clients; epsilon for all of one client's "
+            "data. The aggregator sees the clipped updates before the noise (central DP)."
+        },
+    )
+    dp_neighbouring_relation: str = field(
+        default="add_or_remove_one",
+        metadata={
+            "help": f"Under dp_unit='client', which datasets are neighbours, one of {NEIGHBOURING_RELATIONS} (as "
+            "Flower's PrivacyConfig names them). 'add_or_remove_one': clients take part by secret Poisson sampling; "
+            "client names, sizes, per-round participant counts and failures are never published. 'replace_one': the "
+            "client list is public; replacing one client's data moves the sum by up to 2 x dp_clip_norm, which is "
+            "accounted; every client takes part in every round."
         },
     )
     dp_target_epsilon: float | None = field(
@@ -171,6 +190,15 @@ class FederatedTrainingArguments(TrainingArguments):
             "while it stays secret. Never written to the record, the card or report_to. Default: fresh OS entropy."
         },
     )
+    dp_secure_mode: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw every DP batch and noise tensor from a fresh generator seeded by OS entropy, with the "
+            "noise robust to floating-point attacks on the Gaussian sampler (as Opacus's secure_mode: the mean of "
+            "four draws). No generator state exists that could regenerate the noise. Slower noise; not with "
+            "dp_secret_seed."
+        },
+    )
     dp_accountant: str = field(
         default="prv", metadata={"help": f"Privacy accountant: one of {sorted(ACCOUNTANTS)} (PRV is tighter)."}
     )
@@ -190,12 +218,20 @@ class FederatedTrainingArguments(TrainingArguments):
             "Off by default: a private run publishes only what the guarantee covers."
         },
     )
+    hyperparameter_selection: str | None = field(
+        default=None,
+        metadata={
+            "help": "How this run's settings (learning rate, batch, rounds, ...) were chosen, printed on the model "
+            "card. Choices made by runs on the private training data are outside the guarantee (Papernot and "
+            "Steinke, 2022): say so here. Unset, the card says that it does not know."
+        },
+    )
     dp_noise_calibration: str = field(
         default="per_client",
         metadata={
             "help": f"One of {NOISE_CALIBRATIONS}: each client its own noise just meeting the target; one "
             "shared noise set by the worst-placed client (more noise for everyone else); or, for many clients, "
-            "the noise of the geometric grid point (sample rate, steps; ratio 1.1) just above each client's own "
+            "the noise of the geometric grid point (sample rate, steps; ratio 1.25) just above each client's own "
             "(one calibration per occupied grid point, every client still within the target)."
         },
     )
@@ -211,8 +247,16 @@ class FederatedTrainingArguments(TrainingArguments):
         """As Trainer's, with the secret DP seed hidden: this dict reaches report_to and saved arguments."""
         d = super().to_dict()
         if d.get("dp_secret_seed") is not None:
-            d["dp_secret_seed"] = "<DP_SECRET_SEED>"
+            d["dp_secret_seed"] = SECRET_MASK
         return d
+
+    def __str__(self) -> str:
+        """As Trainer's (which prints every field), with the secret DP seed hidden: arguments reach logs."""
+        masked = dataclasses.replace(self, dp_secret_seed=None) if self.dp_secret_seed is not None else self
+        text = TrainingArguments.__str__(masked)
+        return text.replace("dp_secret_seed=None", "dp_secret_seed=" + SECRET_MASK) if masked is not self else text
+
+    __repr__ = __str__
 
     @property
     def private(self) -> bool:
@@ -282,6 +326,14 @@ class FederatedTrainingArguments(TrainingArguments):
             raise ValueError(f"dp_clip_norm must be > 0, got {self.dp_clip_norm}")
         _require_choice(self.dp_accountant, "dp_accountant", tuple(sorted(ACCOUNTANTS)))
         _require_choice(self.dp_unit, "dp_unit", UNITS)
+        _require_choice(self.dp_neighbouring_relation, "dp_neighbouring_relation", NEIGHBOURING_RELATIONS)
+        if not isinstance(self.dp_secure_mode, bool):
+            raise ValueError(f"dp_secure_mode must be True or False, got {self.dp_secure_mode!r}")
+        if self.dp_secure_mode and self.dp_secret_seed is not None:
+            raise ValueError(
+                "dp_secure_mode draws every batch and noise from OS entropy; dp_secret_seed would make them "
+                "reproducible. Set one of them, not both."
+            )
         _require_choice(self.dp_clipping, "dp_clipping", CLIPPINGS)
         _require_choice(self.dp_noise_calibration, "dp_noise_calibration", NOISE_CALIBRATIONS)
         if not self.dp_fp16_loss_scale > 0:

@@ -9,12 +9,11 @@ from tiny import fed_args, tiny_peft, toy_dataset
 from hf_fedlora import FederatedTrainer
 from hf_fedlora.methods import FFALoraConfig
 from hf_fedlora.privacy import FederatedPrivacy
+from hf_fedlora.privacy.client_level import ClientLevelPrivacy
 
 
-def privacy(unit: str = "example") -> FederatedPrivacy:
-    return FederatedPrivacy(
-        target_epsilon=None, target_delta=1e-5, noise_multiplier=1.0, clip_norm=1.0, secret_seed=7, unit=unit
-    )
+def privacy() -> FederatedPrivacy:
+    return FederatedPrivacy(target_epsilon=None, target_delta=1e-5, noise_multiplier=1.0, clip_norm=1.0, secret_seed=7)
 
 
 def test_one_client_planned_alone_gets_its_federation_streams():
@@ -45,16 +44,16 @@ def test_delta_is_checked_against_the_whole_federation():
 
 
 def test_client_unit_releases_per_round_survive_a_state_round_trip():
-    """Client unit with two releases a round (DEeR): each release's noise is sqrt(2) larger; a restored state that
-    forgot it would release with too little noise."""
-    original = privacy("client")
-    original.plan({"a": 40}, 8, {"a": 3}, torch.device("cpu"), releases_per_round=2)
-    restored = privacy("client")
-    restored.load_state_dict(original.state_dict(), torch.device("cpu"))
-    assert restored.clients["a"].releases_per_step == 2
-    zero = {"w": torch.zeros(2000)}
-    released = restored.release("a", zero, zero, {}, regulate=False)["w"]
-    assert float(released.std()) == pytest.approx(2**0.5, rel=0.1)
+    """Client unit with two releases a round (DEeR): each release's noise is sqrt(2) larger; a restored aggregator
+    state that forgot it would release with too little noise."""
+    original = ClientLevelPrivacy(target_epsilon=None, target_delta=1e-5, noise_multiplier=1.0, clip_norm=1.0)
+    original.plan(num_clients=4, clients_per_round=None, rounds=3, releases_per_round=2)
+    restored = ClientLevelPrivacy(target_epsilon=None, target_delta=1e-5, noise_multiplier=1.0, clip_norm=1.0)
+    restored.load_state_dict(original.state_dict())
+    assert restored.releases_per_round == 2
+    zero = {"w": torch.zeros(4000)}
+    released = restored.aggregator(["w"]).release(zero, regulate=False)["w"]  # nobody's update: the noise / W
+    assert float(released.std()) * restored.expected_clients == pytest.approx(2**0.5, rel=0.1)
 
 
 def test_global_state_can_be_loaded_and_read(tmp_path):

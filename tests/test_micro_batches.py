@@ -335,7 +335,7 @@ def test_fp16_without_dp_unscales_with_a_fresh_grad_scaler_per_client_round(tmp_
     local_step = FederatedTrainer._local_step
 
     def recording(self, data, indices, optimizer):
-        scalers.append(self._loss_scaler)
+        scalers.append(self._round.scaler)  # the client round's privacy object (here: non-private) holds it
         return local_step(self, data, indices, optimizer)
 
     monkeypatch.setattr(FederatedTrainer, "_local_step", recording)

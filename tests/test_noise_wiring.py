@@ -1,10 +1,7 @@
 """The privacy layer's noise as the methods ask for it: DEeR's regulator on the DP-SGD noise, LA-LoRA's filter
-after the noise, Swin under DP, and client-level DP (clip the whole round update, noise it, account rounds)."""
+after the noise, Swin under DP. Client-level DP (DP-FedAvg) has its own tests: tests/test_client_level.py."""
 
 from __future__ import annotations
-
-import json
-import logging
 
 import numpy as np
 import pytest
@@ -14,9 +11,8 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from tiny import fed_args, tiny_peft, toy_dataset
 from transformers import SwinConfig, SwinForImageClassification
 
-from hf_fedlora import DeerConfig, FederatedTrainer, FFALoraConfig, LALoraConfig, RoLoraConfig
+from hf_fedlora import DeerConfig, FederatedTrainer, LALoraConfig
 from hf_fedlora.federation.adapter_state import LORA_A, LORA_B, factor_of
-from hf_fedlora.hub import CARD_NAME, FEDERATED_RECORD_NAME
 from hf_fedlora.privacy import FederatedPrivacy
 from hf_fedlora.privacy.noise_regulator import regulated_noise
 
@@ -197,87 +193,3 @@ def test_la_lora_dp_run_on_tiny_swin_reports_an_independently_checked_epsilon(tm
         assert client["epsilon"] == pytest.approx(independent_rdp_epsilon(client["history"], 1e-3), rel=0.02)
     moved = {factor_of(k) for k in start if not torch.equal(start[k], trainer._global_state[k])}
     assert {LORA_A, LORA_B} <= moved
-
-
-# ----------------------------------------------------------------------------------------
-# Client-level DP
-# ----------------------------------------------------------------------------------------
-def client_level_trainer(tmp_path, config_cls=FFALoraConfig, **overrides):
-    args = dict(
-        dp_unit="client",
-        num_clients=4,
-        num_rounds=3,
-        local_steps=2,
-        learning_rate=0.5,
-        dp_noise_multiplier=1.0,
-        dp_clip_norm=0.05,
-        dp_target_delta=1e-4,
-    )
-    args.update(overrides)
-    return FederatedTrainer(tiny_peft(config_cls), fed_args(tmp_path, **args), train_dataset=toy_dataset(200))
-
-
-def test_client_level_release_is_clipped_then_noised_at_the_expected_scale(tmp_path):
-    trainer = client_level_trainer(tmp_path, dp_noise_multiplier=1e-9)  # noise negligible: see the clip
-    trainer.train()
-    releases = []
-    original = trainer.privacy.release
-
-    def recording(name, start, trained, peers, regulate):
-        released = original(name, start, trained, peers, regulate)
-        change = torch.sqrt(sum(((trained[k] - start[k]) ** 2).sum() for k in trained))
-        released_change = torch.sqrt(sum(((released[k] - start[k]) ** 2).sum() for k in released))
-        releases.append((float(change), float(released_change)))
-        return released
-
-    trainer.privacy.release = recording
-    trainer.args.num_rounds = 4
-    trainer.privacy.fixed_noise_multiplier = 1e-9
-    trainer.train()
-    assert releases and all(raw > 0.05 for raw, _ in releases)  # the local updates are larger than the clip...
-    assert all(released <= 0.05 * (1 + 1e-4) for _, released in releases)  # ...and nothing escapes it
-
-    # The noise: std sigma * C per coordinate (1 release per round for FFA-LoRA).
-    privacy = trainer.privacy
-    privacy.clients["client_0"].noise_multiplier = 3.0
-    start = {k: torch.zeros(64, 64) for k in ["x.lora_B.default.weight"]}
-    noised = privacy.release("client_0", start, dict(start), {}, regulate=False)["x.lora_B.default.weight"]
-    assert noised.std().item() == pytest.approx(3.0 * 0.05, rel=0.05)
-
-
-def test_client_level_epsilon_is_accounted_over_rounds_at_the_client_rate(tmp_path, caplog):
-    trainer = client_level_trainer(tmp_path, clients_per_round=2, dp_noise_multiplier=None, dp_target_epsilon=5.0)
-    with caplog.at_level(logging.INFO, logger="hf_fedlora.trainer"):
-        trainer.train()
-    report = trainer.privacy_report()
-    assert report["unit"] == "client" and "unit: one client" in caplog.text
-    for client in report["clients"].values():
-        assert client["sample_rate"] == 0.5 and client["steps"] == 3  # one accounted step per round
-        assert client["epsilon"] == pytest.approx(independent_rdp_epsilon(client["history"], 1e-4), rel=0.02)
-    assert report["epsilon"] <= 5.0
-    trainer.save_model()
-    record = json.loads((tmp_path / FEDERATED_RECORD_NAME).read_text())
-    assert record["privacy"]["unit"] == "client"
-    # Who took part, even how many, stays secret: the amplification by client sampling depends on it.
-    assert all("clients" not in entry for entry in record["round_history"] + trainer.state.log_history)
-    assert "for every client (unit: one client)" in (tmp_path / CARD_NAME).read_text()
-
-
-@pytest.mark.parametrize("config_cls", [DeerConfig, RoLoraConfig])
-def test_client_level_alternating_methods_release_only_the_trained_factor(tmp_path, config_cls):
-    trainer = client_level_trainer(tmp_path, config_cls, num_rounds=2)
-    uploads = []
-    original = trainer.method.aggregate
-
-    def recording(batch, weights):
-        uploads.append({factor_of(k) for u in batch for k in u})
-        return original(batch, weights)
-
-    trainer.method.aggregate = recording
-    trainer.method.streaming_aggregator = lambda: None  # every upload through the recorded batch aggregate
-    trainer.train()
-    assert uploads and all(len(factors - {"head"}) == 1 for factors in uploads)
-    releases = 2 if config_cls is DeerConfig else 1  # DEeR releases twice a round
-    for client in trainer.privacy_report()["clients"].values():
-        assert client["releases_per_round"] == releases
-        assert client["history"] == [[1.0, 1.0, 2]]

@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
-from test_noise_wiring import client_level_trainer
 from tiny import fed_args
 
 from hf_fedlora import FederatedTrainingArguments
 from hf_fedlora.privacy import FederatedPrivacy
+from hf_fedlora.privacy.client_level import clip_update
 from hf_fedlora.privacy.dp_optimizer import ShapedNoiseDPOptimizer
 
 
@@ -78,16 +78,15 @@ def test_per_layer_bounds_every_example_at_the_clip_norm_for_any_gradients():
             torch.testing.assert_close(value, expected)
 
 
-def test_client_unit_per_layer_release_clips_each_tensor_to_its_share(tmp_path):
-    trainer = client_level_trainer(tmp_path, dp_clipping="per_layer", dp_noise_multiplier=1e-9)
-    trainer.train()
-    privacy = trainer.privacy
-    start = {"x.lora_B.default.weight": torch.zeros(8, 8), "classifier.weight": torch.zeros(2, 8)}
-    trained = {"x.lora_B.default.weight": torch.full((8, 8), 0.002), "classifier.weight": torch.full((2, 8), 5.0)}
-    released = privacy.release("client_0", start, trained, {}, regulate=False)
-    threshold = 0.05 / math.sqrt(2)  # the helper's dp_clip_norm 0.05 over two tensors
-    assert released["classifier.weight"].norm().item() == pytest.approx(threshold, rel=1e-3)
-    assert released["x.lora_B.default.weight"].norm().item() == pytest.approx(0.016, rel=1e-3)  # under: kept
+def test_client_unit_per_layer_release_clips_each_tensor_to_its_share():
+    """DP-FedAvg's clip of a client's round update, per tensor: each of the P tensors to C / sqrt(P)."""
+    update = {"x.lora_B.default.weight": torch.full((8, 8), 0.002), "classifier.weight": torch.full((2, 8), 5.0)}
+    clipped = clip_update(update, 0.05, "per_layer")
+    threshold = 0.05 / math.sqrt(2)  # clip norm 0.05 over two tensors
+    assert clipped["classifier.weight"].norm().item() == pytest.approx(threshold, rel=1e-3)
+    assert clipped["x.lora_B.default.weight"].norm().item() == pytest.approx(0.016, rel=1e-3)  # under: kept
+    flat = clip_update(update, 0.05, "flat")
+    assert math.sqrt(sum(float(t.norm()) ** 2 for t in flat.values())) == pytest.approx(0.05, rel=1e-4)
 
 
 def test_unknown_clipping_is_refused_before_training(tmp_path):

@@ -321,7 +321,7 @@ def test_training_past_the_budget_is_refused_and_loses_nothing(tmp_path):
 
     trainer.args.num_rounds = 2
     budgets = {name: c.step_budget for name, c in trainer.privacy.clients.items()}
-    participation = trainer._participation_rng.bit_generator.state
+    participation = trainer.federation.state_dict()["participation_rng"]
     with pytest.raises(ValueError, match="dp_target_epsilon") as error:
         trainer.train()
 
@@ -332,7 +332,7 @@ def test_training_past_the_budget_is_refused_and_loses_nothing(tmp_path):
     assert all(torch.equal(weights[name], p) for name, p in trainer.model.named_parameters())
     assert trainer.state.global_step == 1
     assert {name: c.step_budget for name, c in trainer.privacy.clients.items()} == budgets
-    assert trainer._participation_rng.bit_generator.state == participation
+    assert trainer.federation.state_dict()["participation_rng"] == participation
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_fedlora import FederatedTrainer, FFALoraConfig, RoLoraConfig
-from hf_fedlora.trainer import PRIVACY_LEDGER, RESUME_STATE, RESUME_WEIGHTS
+from hf_fedlora.privacy.secret_store import SecretStore
+from hf_fedlora.trainer import RESUME_STATE, RESUME_WEIGHTS
 
 TESTS = Path(__file__).parent
 
@@ -72,17 +73,39 @@ def test_resume_gives_the_uninterrupted_run_bit_for_bit(tmp_path, config_cls, pr
     assert [r["round"] for r in resumed.federated_record()["round_history"]] == [1, 2, 3, 4]
 
 
-def test_checkpoints_hold_private_resume_state_that_is_never_pushed(tmp_path):
+def secret_state_of(output_dir: Path) -> dict:
+    """The secret DP state a run's last checkpoint names (in the secret store, not beside the checkpoint)."""
+    checkpoint = Path(get_last_checkpoint(str(output_dir)))
+    run_id = json.loads((checkpoint / RESUME_STATE).read_text())["secret_state"]
+    return SecretStore(run_id).load()
+
+
+def test_checkpoints_hold_resume_state_but_no_secret_and_nothing_private_is_pushed(tmp_path):
     trainer = FederatedTrainer(tiny_peft(FFALoraConfig), run_args(tmp_path, num_rounds=2), train_dataset=toy_dataset())
     trainer.train()
     checkpoint = Path(get_last_checkpoint(str(tmp_path)))
     assert (checkpoint / RESUME_STATE).is_file() and (checkpoint / RESUME_WEIGHTS).is_file()
-    assert (tmp_path / PRIVACY_LEDGER).is_file()
     trainer.save_model()
-    private = {RESUME_STATE, RESUME_WEIGHTS, PRIVACY_LEDGER}
-    assert not private & set(trainer._saved_files)
-    assert "noise_generator" not in (checkpoint / "README.md").read_text()
-    assert "1234" not in (checkpoint / "federated_training.json").read_text()
+    assert not {RESUME_STATE, RESUME_WEIGHTS} & set(trainer._saved_files)
+    # The noise and sampler states regenerate every noise tensor: never beside anything a user shares.
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".md"):
+            text = path.read_text()
+            assert "noise_generator" not in text and "sampling_generator" not in text, path
+            assert "1234" not in text, path  # the secret seed
+    store = trainer._secret_store()
+    assert store.exists() and tmp_path not in store.path.parents
+    assert (store.path.stat().st_mode & 0o777) == 0o600 and (store.directory.stat().st_mode & 0o777) == 0o700
+    assert "noise_generator" in store.path.read_text()
+
+
+def test_resume_without_the_secret_state_is_refused(tmp_path):
+    FederatedTrainer(tiny_peft(FFALoraConfig), run_args(tmp_path, num_rounds=2), train_dataset=toy_dataset()).train()
+    run_id = json.loads((Path(get_last_checkpoint(str(tmp_path))) / RESUME_STATE).read_text())["secret_state"]
+    SecretStore(run_id).path.unlink()
+    resumed = FederatedTrainer(tiny_peft(FFALoraConfig), run_args(tmp_path, num_rounds=3), train_dataset=toy_dataset())
+    with pytest.raises(FileNotFoundError, match="secret DP state"):
+        resumed.train(resume_from_checkpoint=True)
 
 
 def test_save_total_limit_is_honoured(tmp_path):
@@ -176,7 +199,7 @@ def test_sigkill_mid_round_then_resume_never_under_counts(tmp_path):
 def test_sigkill_under_a_target_recalibrates_and_stays_within_it(tmp_path):
     done = killed_run(tmp_path, "dp_target_epsilon=3.0")
     assert done.returncode == -9, done.stderr[-2000:]
-    ledger = json.loads((tmp_path / PRIVACY_LEDGER).read_text())
+    ledger = secret_state_of(tmp_path)["engine"]  # the newest: written before client_0's round-3 release
     resumed = FederatedTrainer(
         tiny_peft(FFALoraConfig),
         fed_args(tmp_path, num_rounds=4, local_steps=2, save_strategy="epoch", dp_target_epsilon=3.0),
@@ -214,10 +237,10 @@ def test_a_failing_client_does_not_fail_the_round_when_the_minimum_is_met(tmp_pa
     trainer = FlakyClient(
         tiny_peft(FFALoraConfig), run_args(tmp_path, num_rounds=3, min_clients_per_round=1), train_dataset=toy_dataset()
     )
-    with caplog.at_level(logging.WARNING, logger="hf_fedlora.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_fedlora.server"):
         trainer.train()
     assert trainer._rounds_done == 3
-    assert "'client_1' failed in round 2" in caplog.text and "hospital network down" in caplog.text
+    assert "Round 2: client 'client_1' failed" in caplog.text and "hospital network down" in caplog.text
     report = trainer.privacy_report()["clients"]
     assert report["client_1"]["steps"] == 3 * 2  # the failed round's two attempted steps (one failed) both count
     assert report["client_0"]["steps"] == 3 * 2

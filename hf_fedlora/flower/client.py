@@ -1,16 +1,16 @@
-"""The Flower ClientApp: one client's round, run by the same `FederatedTrainer.local_round` as in-process.
+"""The Flower ClientApp: one SuperNode's client, running the in-process trainer's very client round.
 
-Each message builds a `FederatedTrainer` over this client's data only (SuperNode's `--node-config
-"partition-id=I num-partitions=K"`; optional `ledger-dir=PATH`), loads the global adapter it receives
-and runs the round. Under DP, the client's privacy state comes from its ledger on disk
-(`hf_fedlora.flower.ledger`) and goes back there, atomically, before the upload is returned.
+Each message starts a fresh ClientApp process (Flower 1.42), so every handler rebuilds what it needs: the task's
+model and this node's partition of the data (`--node-config "partition-id=I num-partitions=K"`; optional
+`ledger-dir=PATH`), loads the global adapter it receives and runs the round. Under example-level DP the client's
+privacy state comes from its ledger on disk (`hf_fedlora.flower.ledger`) and goes back there, atomically, before the
+upload is returned. Under client-level DP the client only clips its round update: the noise is the server's.
 
 Messages (the server's `action` in the config record):
 - query "discover": who am I (client name, examples, local steps), nothing private;
-- query "plan": calibrate this client's noise for the run's planned steps, composed with what its data
-  already spent (refused if that would exceed the target);
-- train: one (sub-)round from the global adapter; the reply holds the upload and the privacy report;
-- query "account" (client unit): a round this client was not sampled in still counts in its accountant.
+- query "plan" (example unit): calibrate this client's noise for the run's planned steps, composed with what its
+  examples already spent (refused if that would exceed the target);
+- train: one (sub-)round from the global adapter; the reply holds the release and the client's privacy report.
 """
 
 from __future__ import annotations
@@ -26,14 +26,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..trainer import FederatedTrainer
-from .ledger import PrivacyLedger, data_key, default_ledger_dir, generator_fingerprint
+from .ledger import PrivacyLedger, data_key, default_ledger_dir, example_digests, generator_fingerprint
+from .ledger import prior_candidates as ledger_prior_candidates
 from .task import load_task, training_args_from_run_config
 
 app = ClientApp()
 
 
 class FlowerClient:
-    """This node's client: its data, a trainer over them alone, and (under DP) its privacy ledger."""
+    """This node's client: its data, a trainer over them alone, and (under example-level DP) its privacy ledger."""
 
     def __init__(self, run_config: Mapping[str, Any], node_config: Mapping[str, Any]):
         for key in ("partition-id", "num-partitions"):
@@ -59,13 +60,15 @@ class FlowerClient:
         )
         self.trainer.client_indices[self.name] = self.partition_id  # its streams are the federation's index's
         self.privacy = self.trainer.privacy
+        self.example_level = self.trainer._per_example_dp
         self.ledger_dir = node_config.get("ledger-dir") or default_ledger_dir()
-        self.data_key = data_key(self.data) if self.privacy.enabled else None
+        self.data_key = data_key(self.data) if self.example_level else None
 
     # --- the actions ---------------------------------------------------------------------
     def discover(self) -> dict[str, Any]:
-        """Public facts: client sizes are treated as public (they set q and sigma); label counts only when the run
-        publishes unprotected statistics (or is not private)."""
+        """Public facts under the example unit (client sizes set q and sigma); under the client unit the server is
+        the trusted aggregator and never publishes them. Label counts only when the run publishes unprotected
+        statistics (or is not private)."""
         info = {
             "client": self.name,
             "partition-id": self.partition_id,
@@ -77,27 +80,26 @@ class FlowerClient:
         return info
 
     def plan(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        """Fix this client's noise and step budget for the run, composed with what its data already spent."""
-        if not self.privacy.enabled:
-            return {}
+        """Fix this client's noise and step budget for the run, composed with what its examples already spent."""
         plan_id = str(config["plan-id"])
         ledger = PrivacyLedger.open(self.ledger_dir, self.data_key)
         if ledger.plan_id == plan_id and ledger.client is not None:  # planned already (a repeated message)
-            return self._report(self._load(config))
+            self._load(config)
+            return self.privacy.plan_reply(self.name)
         if ledger.unit is not None and ledger.unit != self.privacy.unit:
             raise ValueError(
                 f"client {self.name!r}: its data already spent privacy under dp_unit={ledger.unit!r}, this run uses "
                 f"{self.privacy.unit!r}; the two cannot be composed. Use dp_unit={ledger.unit!r}."
             )
-        if ledger.history:
-            self.privacy.compose_with({"unit": self.privacy.unit, "clients": {self.name: {"history": ledger.history}}})
+        digests = example_digests(self.data)
+        candidates, seeded = ledger_prior_candidates(self.ledger_dir, digests)
+        if candidates:
+            self.privacy.set_prior_candidates(self.name, candidates)
         self.privacy.plan(
             {self.name: len(self.data)},
-            self.trainer._logical_batch_size,  # the expected Poisson batch: q = logical / n
+            self.trainer.logical_batch_size,  # the expected Poisson batch: q = logical / n
             {self.name: int(config["planned-steps"])},
             self.trainer.args.device,
-            client_rate=float(config["client-rate"]),
-            releases_per_round=int(config["releases-per-round"]),
             client_indices={self.name: self.partition_id},
             total_examples=int(config["total-examples"]),
         )
@@ -106,51 +108,34 @@ class FlowerClient:
             saved = self.privacy.client_from_state(ledger.client, self.trainer.args.device)
             client.noise_generator.set_state(saved.noise_generator.get_state())
             client.sampling_generator.set_state(saved.sampling_generator.get_state())
-        ledger.unit, ledger.plan_id = self.privacy.unit, plan_id
-        ledger.seeded = ledger.seeded or self.privacy.seeded
+        ledger.unit, ledger.plan_id, ledger.digests = self.privacy.unit, plan_id, digests
+        ledger.seeded = ledger.seeded or seeded or self.privacy.seeded
         self._save(ledger)
-        return self._report(ledger)
+        return self.privacy.plan_reply(self.name)
 
     def train(
         self, global_state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
-    ) -> tuple[dict[str, torch.Tensor] | None, list[float], dict[str, Any]]:
-        """One (sub-)round: (upload or None, losses (empty under DP), privacy report). The ledger is on disk
-        before this returns, i.e. before anything leaves the client."""
+    ) -> tuple[dict[str, torch.Tensor] | None, list[float], dict[str, Any] | None]:
+        """One (sub-)round: (release or None, losses (empty under DP), privacy report). The ledger is on disk before
+        this returns, i.e. before anything leaves the client."""
         round_index, sub_round = int(config["round"]), int(config["sub-round"])
         self.trainer.load_global_state(global_state)
-        ledger = self._load(config)
-        if ledger is None:
+        if not self.example_level:
             upload, losses = self.trainer.local_round(self.name, round_index, sub_round, int(config["steps"]))
-            return upload, losses, {}
+            return upload, losses, None
+        ledger = self._load(config)
         noise_state = generator_fingerprint(self.privacy.clients[self.name].noise_generator.get_state())
-        if self.privacy.unit == "client" and bool(config.get("account-round")):
-            self.privacy.record_step(self.name)  # the round counts from its first release on
-        upload, losses = self.trainer.local_round(self.name, round_index, sub_round, int(config["steps"]))
-        ledger.releases.append(
-            {
-                "plan_id": ledger.plan_id,
-                "round": round_index,
-                "sub_round": sub_round,
-                "released": upload is not None,
-                "noise_state": noise_state,
-            }
-        )
-        self._save(ledger)
+        try:
+            upload, losses = self.trainer.local_round(self.name, round_index, sub_round, int(config["steps"]))
+        finally:  # a step that ran (or failed half-way) is spent: on disk whatever happens
+            ledger.releases.append(
+                {"plan_id": ledger.plan_id, "round": round_index, "sub_round": sub_round, "noise_state": noise_state}
+            )
+            self._save(ledger)
         return upload, losses, self._report(ledger)
 
-    def account(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        """Client unit: a round this client was not sampled in is still one step of its accountant."""
-        ledger = self._load(config)
-        if ledger is None:
-            return {}
-        self.privacy.record_step(self.name)
-        self._save(ledger)
-        return self._report(ledger)
-
     # --- the ledger ----------------------------------------------------------------------
-    def _load(self, config: Mapping[str, Any]) -> PrivacyLedger | None:
-        if not self.privacy.enabled:
-            return None
+    def _load(self, config: Mapping[str, Any]) -> PrivacyLedger:
         ledger = PrivacyLedger.open(self.ledger_dir, self.data_key)
         if ledger.plan_id != str(config["plan-id"]) or ledger.client is None:
             raise RuntimeError(
@@ -164,11 +149,12 @@ class FlowerClient:
 
     def _save(self, ledger: PrivacyLedger) -> None:
         ledger.client = self.privacy.client_state(self.name)
+        ledger.spent = [list(entry) for entry in self.privacy.history(self.name)]
         ledger.save()
 
     def _report(self, ledger: PrivacyLedger) -> dict[str, Any]:
         self.privacy.seeded = ledger.seeded
-        return self.privacy.report()
+        return self.privacy.report_header() | {"client": self.privacy.client_report(self.name)}
 
 
 def _reply(msg: Message, content: dict[str, Any], upload: Mapping[str, torch.Tensor] | None = None) -> Message:
@@ -190,10 +176,8 @@ def query(msg: Message, context: Context) -> Message:
     if action == "discover":
         return _reply(msg, client.discover())
     if action == "plan":
-        return _reply(msg, {"privacy": client.plan(config)})
-    if action == "account":
-        return _reply(msg, {"privacy": client.account(config)})
-    raise ValueError(f"unknown query action {action!r}; expected discover, plan or account")
+        return _reply(msg, {"plan": client.plan(config)})
+    raise ValueError(f"unknown query action {action!r}; expected discover or plan")
 
 
 @app.train()
@@ -202,5 +186,4 @@ def train(msg: Message, context: Context) -> Message:
     client = FlowerClient(context.run_config, context.node_config)
     state = msg.content["global"].to_torch_state_dict()
     upload, losses, report = client.train(state, config)
-    content = {"client": client.name, "num-examples": len(client.data), "losses": losses, "privacy": report}
-    return _reply(msg, content, upload)
+    return _reply(msg, {"client": client.name, "losses": losses, "privacy": report}, upload)

@@ -25,7 +25,6 @@ FLOWER_KEYS = (
     "task",
     "output-dir",
     "num-clients",
-    "min-clients-per-round",
     "round-timeout",
     "wait-timeout",
 )

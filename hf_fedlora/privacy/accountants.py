@@ -8,19 +8,20 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from opacus.accountants import IAccountant, RDPAccountant
-from opacus.accountants import PRVAccountant as OpacusPRVAccountant
-from opacus.accountants.analysis.prv import (
-    Domain,
-    PoissonSubsampledGaussianPRV,
-    TruncatedPrivacyRandomVariable,
-    compose_heterogeneous,
-    discretize,
-)
 from scipy import integrate
 from scipy.special import erfc
 
 from .fast_rdp import rdp_epsilon
+from .opacus_compat import (
+    Domain,
+    IAccountant,
+    OpacusPRVAccountant,
+    PoissonSubsampledGaussianPRV,
+    RDPAccountant,
+    TruncatedPrivacyRandomVariable,
+    compose_heterogeneous,
+    discretize,
+)
 
 
 class PRVAccountant(OpacusPRVAccountant):

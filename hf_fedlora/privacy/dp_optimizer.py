@@ -24,8 +24,8 @@ import math
 from collections.abc import Callable
 
 import torch
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from .opacus_compat import DPOptimizer, _check_processed_flag, _mark_as_processed
 
 CLIPPINGS = ("flat", "per_layer")
 

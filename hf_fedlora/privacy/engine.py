@@ -1,43 +1,46 @@
-"""Per-client sample-level DP-SGD: the one place that decides noise, enforces budgets and reports epsilon.
+"""Per-client example-level DP-SGD: the one place that decides noise, enforces budgets and reports epsilon.
 
-Each client runs DP-SGD on its own shard: Poisson sampling at rate q_k, per-example
-clipping of all its trainable tensors together to `clip_norm`, Gaussian noise
-`noise_multiplier * clip_norm`, and its own accountant kept for the whole run. Clients'
-data are disjoint, so the run's guarantee is the largest epsilon over clients. No
-amplification from client sampling is claimed.
+Each client runs DP-SGD on its own shard: Poisson sampling at rate q_k, per-example clipping of all its trainable
+tensors together to `clip_norm`, Gaussian noise `noise_multiplier * clip_norm`, and its own accountant kept for the
+whole run. Clients' data are disjoint, so the run's guarantee is the largest epsilon over clients. No amplification
+from client sampling is claimed.
 
-Both random streams the guarantee rests on, the Poisson sampler (amplification by
-subsampling assumes batch membership is secret) and the noise, come from OS entropy,
-never from the run's published seed. A secret seed makes them reproducible for experiments;
-the report then says the guarantee holds only while that seed stays secret.
+Both random streams the guarantee rests on, the Poisson sampler (amplification by subsampling assumes batch
+membership is secret) and the noise, come from OS entropy, never from the run's published seed. A secret seed makes
+them reproducible for experiments; the report then says the guarantee holds only while that seed stays secret.
+Secure mode draws every batch and every noise tensor from a fresh generator seeded by OS entropy, with the noise
+robust to floating-point attacks (no generator state exists that could regenerate it).
+
+Composition across runs is per example: a client whose examples were held by earlier clients starts from each of
+their spent histories ("prior candidates"); its epsilon is the largest over them of the candidate composed with its
+own steps, and its recorded history is that worst composition.
 """
 
 from __future__ import annotations
 
-import base64
-import math
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants import IAccountant
 from transformers.utils import logging
 
-from ..federation.adapter_state import LORA_A, LORA_B, factor_of, peer_name
+from ..federation.adapter_state import factor_of
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_grid, calibrate_noise_multiplier, grid_point
 from .dp_optimizer import CLIPPINGS, ShapedNoiseDPOptimizer
-from .noise_regulator import regulated_noise
+from .noise import draw_noise
+from .opacus_compat import IAccountant
 from .postprocessing import NOISY_GRADIENT_FILTERS
+from .state import History, decode_generator_state, encode_generator_state, merged_history
 
 UNIT = "example"  # the default unit of privacy
 UNITS = ("example", "client")
 GRID_CALIBRATION = "per_client_grid"
 DEFAULT_GRID_RATIO = 1.25
-SAMPLING_STREAM, NOISE_STREAM, PARTICIPATION_STREAM = 0, 1, 2
+SAMPLING_STREAM, NOISE_STREAM = 0, 1
 
 logger = logging.get_logger(__name__)
 
@@ -49,31 +52,46 @@ def derived_seed(seed: int, client_index: int, stream: int) -> int:
 
 @dataclass
 class ClientPrivacy:
-    """One client's DP state: its noise, its step budget, its accountant and its secret RNGs."""
+    """One client's DP state: its noise, its step budget, its accountant, its secret RNGs, and what its examples
+    spent before this run (one history per earlier client that held some of them)."""
 
     num_examples: int
     sample_rate: float
     noise_multiplier: float
     step_budget: int | None  # None when no target epsilon was given (noise multiplier set directly)
-    accountant: IAccountant
+    accountant: IAccountant  # this run's steps
     noise_generator: torch.Generator
     sampling_generator: torch.Generator
-    # Client unit: releases per accounted round (DEeR sends twice a round). Each release gets noise
-    # noise_multiplier * sqrt(releases) * C, so a round's releases together are one Gaussian mechanism
-    # with the accounted noise_multiplier.
-    releases_per_step: int = 1
+    prior_candidates: list[History] = field(default_factory=list)
 
     @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return [tuple(entry) for entry in self.accountant.history]
+    def own_history(self) -> History:
+        return merged_history(self.accountant.history)
+
+    @property
+    def history(self) -> History:
+        """Its total history, when its examples have at most one earlier history (else ask the engine for the worst:
+        `FederatedPrivacy.history(name)`)."""
+        candidates = self.candidates()
+        if len(candidates) > 1:
+            raise ValueError("this client has several prior candidates: FederatedPrivacy.history gives the worst")
+        return candidates[0]
 
     @property
     def steps_taken(self) -> int:
+        """Steps run in this run (what the step budget counts)."""
         return sum(int(steps) for _, _, steps in self.accountant.history)
+
+    def candidates(self) -> list[History]:
+        """Each possible total history of one of its examples: a prior candidate (or nothing) + this run's steps."""
+        own = self.own_history
+        return [merged_history(prior + own) for prior in (self.prior_candidates or [[]])]
 
 
 class FederatedPrivacy:
     """Calibrates each client's noise before training, guards its budget and answers for its epsilon."""
+
+    unit = UNIT
 
     def __init__(
         self,
@@ -86,38 +104,34 @@ class FederatedPrivacy:
         accountant: str = "prv",
         calibration: str = "per_client",
         secret_seed: int | None = None,
-        unit: str = UNIT,
         grid_ratio: float = DEFAULT_GRID_RATIO,
+        secure_mode: bool = False,
     ):
-        if unit not in UNITS:
-            raise ValueError(f"dp_unit must be one of {list(UNITS)}, got {unit!r}")
-        self.unit = unit
+        if clipping not in CLIPPINGS:
+            raise ValueError(f"dp_clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
+        if secure_mode and secret_seed is not None:
+            raise ValueError("dp_secure_mode draws from OS entropy only: it cannot be combined with dp_secret_seed")
         self.target_epsilon = target_epsilon
         self.delta = target_delta
         self.fixed_noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
-        if clipping not in CLIPPINGS:
-            raise ValueError(f"dp_clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
         self.clipping = clipping
         self.accountant_name = accountant
         self.calibration = calibration
+        self.secure_mode = secure_mode
         # per_client_grid: clients share the noise of the geometric grid point (rate, steps) at or above their own.
         self.grid_ratio = grid_ratio
         self._verified_on_grid: set[str] = set()  # planned on a grid point already checked against the target
-        self._epsilon_cache: dict[str, tuple[tuple, float]] = {}  # name -> (history, epsilon): recompute on change
         # Anyone who knows this root can rebuild every batch and subtract the noise: by default it is fresh OS
         # entropy, never the run's published seed. A fixed secret seed is for reproducible experiments only.
         self.seeded = secret_seed is not None
         self._secret_root = secret_seed if secret_seed is not None else secrets.randbits(63)
         self.clients: dict[str, ClientPrivacy] = {}
-        self._prior_histories: dict[str, list[tuple[float, float, int]]] = {}
-        # Clients of an earlier, composed run: until this run plans them (same name), they only report.
-        self._past_clients: dict[str, ClientPrivacy] = {}
-        self._participation_generator = torch.Generator().manual_seed(
-            derived_seed(self._secret_root, 0, PARTICIPATION_STREAM)
-        )
-        self.client_rate = 1.0  # client unit: the Poisson rate at which clients take part in a round
+        self._prior_by_name: dict[str, list[History]] = {}  # candidates by client name (the same partition)
+        self._prior_for_every_client: list[History] = []  # composed by worst case (a re-split)
         self._recalibrate: set[str] = set()  # clients that spent more than planned (a crash): new noise on plan
+        # name -> (candidate histories, epsilon): a round's log recomputes only the clients whose history changed
+        self._epsilon_cache: dict[str, tuple[tuple, float]] = {}
 
     @classmethod
     def from_args(cls, args: Any) -> FederatedPrivacy:
@@ -131,7 +145,7 @@ class FederatedPrivacy:
             accountant=args.dp_accountant,
             calibration=args.dp_noise_calibration,
             secret_seed=args.dp_secret_seed,
-            unit=args.dp_unit,
+            secure_mode=args.dp_secure_mode,
         )
 
     @property
@@ -146,43 +160,35 @@ class FederatedPrivacy:
         planned_steps: Mapping[str, int],
         device: torch.device,
         *,
-        client_rate: float = 1.0,
-        releases_per_round: int = 1,
         client_indices: Mapping[str, int] | None = None,
         total_examples: int | None = None,
     ) -> None:
-        """Fix each client's sample rate and noise so the planned steps fit its budget; refuse plans that don't.
+        """Fix each client's sample rate (batch_size / n_k, batch_size the logical, expected Poisson batch) and noise
+        so the planned steps fit its budget; refuse plans that don't, before any step runs.
 
-        Example unit: a step is one DP-SGD step at sample rate batch_size / n_k, batch_size the logical (expected
-        Poisson) batch however many micro-batches it runs in. Client unit: a step is one
-        round, at the client-sampling rate `client_rate`, in which a client releases `releases_per_round`
-        clipped and noised updates.
-
-        Called again on a later `train()` of the same run: the accountants keep their history,
-        the noise stays as calibrated, and a plan that would take any client past its target is
-        refused with the numbers, before any step runs.
+        Called again on a later `train()` of the same run: the accountants keep their history, the noise stays as
+        calibrated, and a plan that would take any client past its target is refused with the numbers.
 
         A driver that plans only some clients here (a Flower client plans itself) passes each one's
         `client_indices` (its position in the federation, which derives its secret streams) and the federation's
         `total_examples` (delta must be far below 1/N for all N examples, not only this object's).
         """
-        if self.unit == "client":
-            self.client_rate = client_rate
         for name, size in client_sizes.items():
-            if self.unit == "example" and batch_size > size:
+            if batch_size > size:
                 raise ValueError(
                     f"The logical batch {batch_size} (per_device_train_batch_size x gradient_accumulation_steps) "
                     f"is larger than client {name!r}'s {size} examples: its Poisson sample rate would exceed 1. "
-                    "Use a smaller batch or fewer clients."
+                    "Use a smaller batch, fewer clients, or a partition with a larger minimum client size."
                 )
         self._check_delta(total_examples if total_examples is not None else sum(client_sizes.values()))
         new_clients = [name for name in client_sizes if name not in self.clients]
-        rates = {name: self._sample_rate(size, batch_size) for name, size in client_sizes.items()}
+        rates = {name: batch_size / size for name, size in client_sizes.items()}
         if self.calibration == GRID_CALIBRATION and self.fixed_noise_multiplier is None:
             sigmas = self._grid_noise(new_clients, rates, planned_steps)
         else:
             sigmas = {
-                name: self._noise_for(rates[name], planned_steps[name], self._prior(name)) for name in new_clients
+                name: self._noise_for(rates[name], planned_steps[name], self._candidates_for(name))
+                for name in new_clients
             }
         if self.calibration == "shared" and sigmas:
             shared = max(sigmas.values())
@@ -194,22 +200,20 @@ class FederatedPrivacy:
             noise_generator = torch.Generator(device=device)
             noise_generator.manual_seed(derived_seed(self._secret_root, index, NOISE_STREAM))
             sampling_generator = torch.Generator().manual_seed(derived_seed(self._secret_root, index, SAMPLING_STREAM))
-            accountant = make_accountant(self.accountant_name)
-            accountant.history = list(self._prior(name))
-            self._past_clients.pop(name, None)
             self.clients[name] = ClientPrivacy(
                 num_examples=client_sizes[name],
                 sample_rate=rates[name],
                 noise_multiplier=sigmas[name],
                 step_budget=None,  # set below, once the whole plan is known to fit
-                accountant=accountant,
+                accountant=make_accountant(self.accountant_name),
                 noise_generator=noise_generator,
                 sampling_generator=sampling_generator,
-                releases_per_step=releases_per_round if self.unit == "client" else 1,
+                prior_candidates=self._candidates_for(name),
             )
         for name in sorted(self._recalibrate & set(client_sizes)):
             client = self.clients[name]
-            client.noise_multiplier = self._noise_for(client.sample_rate, planned_steps[name], client.history)
+            spent = [merged_history(c) for c in client.candidates()]
+            client.noise_multiplier = self._noise_for(client.sample_rate, planned_steps[name], spent)
             self._recalibrate.discard(name)
         self._refuse_overspending_plan(planned_steps)
 
@@ -224,19 +228,16 @@ class FederatedPrivacy:
         points = {
             name: grid_point(rates[name], planned_steps[name], self.grid_ratio)
             for name in names
-            if planned_steps[name] > 0 and not self._prior(name)
+            if planned_steps[name] > 0 and not self._candidates_for(name)
         }
         grid = calibrate_grid(self.target_epsilon, self.delta, points.values(), self.accountant_name)
         self._verified_on_grid.update(points)
         return {
             name: grid[points[name]]
             if name in points
-            else self._noise_for(rates[name], planned_steps[name], self._prior(name))
+            else self._noise_for(rates[name], planned_steps[name], self._candidates_for(name))
             for name in names
         }
-
-    def _sample_rate(self, num_examples: int, batch_size: int) -> float:
-        return self.client_rate if self.unit == "client" else batch_size / num_examples
 
     def _check_delta(self, total_examples: int) -> None:
         """delta bounds the chance that the guarantee fails for some example: it must be far below 1/N for the
@@ -252,50 +253,23 @@ class FederatedPrivacy:
                 f"(1/N={1.0 / total_examples:.3g}); a delta below {0.1 / total_examples:.3g} is the usual advice."
             )
 
-    def _noise_for(self, sample_rate: float, steps: int, prior: list[tuple[float, float, int]]) -> float:
+    def _noise_for(self, sample_rate: float, steps: int, candidates: Sequence[History]) -> float:
+        """The smallest noise that keeps every candidate history, composed with the planned steps, within target."""
         if self.fixed_noise_multiplier is not None:
             return float(self.fixed_noise_multiplier)
         if steps == 0:
             return 0.0  # a client never sampled runs no step and releases nothing
-        return calibrate_noise_multiplier(
-            self.target_epsilon,
-            self.delta,
-            sample_rate,
-            steps,
-            self.accountant_name,
-            prior_history=tuple(tuple(entry) for entry in prior),
-        )
-
-    # --- composing with an earlier run -----------------------------------------------
-    def compose_with(self, prior_privacy: Mapping[str, Any]) -> None:
-        """Start every client's accountant from what an earlier run on the same data already spent.
-
-        `prior_privacy` is the "privacy" part of that run's record. Its clients that do not take part in
-        this run keep their spent history in the report: the adapter still carries what they released.
-        """
-        unit = prior_privacy.get("unit")
-        if unit != self.unit:
-            raise ValueError(
-                f"The adapter was trained under privacy unit {unit!r}; this run's unit is {self.unit!r}: they cannot "
-                "be composed. Set dp_new_privacy_budget=True only if this run's data are disjoint from that run's."
+        return max(
+            calibrate_noise_multiplier(
+                self.target_epsilon,
+                self.delta,
+                sample_rate,
+                steps,
+                self.accountant_name,
+                prior_history=tuple(tuple(entry) for entry in prior),
             )
-        for name, client in (prior_privacy.get("clients") or {}).items():
-            self._prior_histories[name] = [(float(s), float(q), int(n)) for s, q, n in client["history"]]
-            if name not in self.clients:
-                accountant = make_accountant(self.accountant_name)
-                accountant.history = list(self._prior_histories[name])
-                self._past_clients[name] = ClientPrivacy(
-                    num_examples=int(client.get("num_examples") or 0),
-                    sample_rate=float(client.get("sample_rate") or 0.0),
-                    noise_multiplier=float(client.get("noise_multiplier") or 0.0),
-                    step_budget=0,
-                    accountant=accountant,
-                    noise_generator=torch.Generator(),
-                    sampling_generator=torch.Generator(),
-                )
-
-    def _prior(self, name: str) -> list[tuple[float, float, int]]:
-        return self._prior_histories.get(name, [])
+            for prior in (candidates or [[]])
+        )
 
     def _refuse_overspending_plan(self, planned_steps: Mapping[str, int]) -> None:
         if self.target_epsilon is None:
@@ -305,11 +279,14 @@ class FederatedPrivacy:
             client = self.clients[name]
             if steps == 0:
                 continue
-            if name in self._verified_on_grid and not client.history:
+            if name in self._verified_on_grid and not client.steps_taken and not client.prior_candidates:
                 # Its grid point (rate and steps at or above its own, same sigma) was checked in calibration.
                 continue
-            projected = client.history + [(client.noise_multiplier, client.sample_rate, steps)]
-            epsilon = epsilon_from_history(projected, self.delta, self.accountant_name)
+            planned = (client.noise_multiplier, client.sample_rate, steps)
+            epsilon = max(
+                epsilon_from_history(history + [planned], self.delta, self.accountant_name)
+                for history in client.candidates()
+            )
             if epsilon > self.target_epsilon:
                 problems.append(
                     f"client {name!r}: {client.steps_taken} steps already run + {steps} planned at noise "
@@ -323,6 +300,40 @@ class FederatedPrivacy:
             )
         for name, steps in planned_steps.items():
             self.clients[name].step_budget = self.clients[name].steps_taken + steps
+
+    # --- composing with earlier runs ---------------------------------------------------
+    def compose_with(self, prior_privacy: Mapping[str, Any], *, by_name: bool) -> None:
+        """Start every client from what its examples already spent in an earlier run (that run's record's privacy).
+
+        `by_name`: the clients are the earlier run's (the same names, the same content-keyed partition of one
+        dataset), so client k's examples that were trained on before were in the earlier client k. Otherwise every
+        client may hold examples of any earlier client: each inherits every earlier client's history as a
+        candidate, and answers for the worst.
+        """
+        unit = prior_privacy.get("unit")
+        if unit != self.unit:
+            raise ValueError(
+                f"The adapter was trained under privacy unit {unit!r}; this run's unit is {self.unit!r}: they cannot "
+                "be composed. Set dp_new_privacy_budget=True only if this run's data are disjoint from that run's."
+            )
+        priors = {
+            name: merged_history(client["history"]) for name, client in (prior_privacy.get("clients") or {}).items()
+        }
+        if not by_name:
+            self._prior_for_every_client = _distinct(priors.values())
+            return
+        self._prior_by_name.update({name: [history] for name, history in priors.items()})
+
+    def set_prior_candidates(self, name: str, candidates: Sequence[History]) -> None:
+        """What the examples of a client not yet planned spent before (a driver that keeps per-example ledgers)."""
+        if name in self.clients:
+            raise ValueError(f"client {name!r} is planned already: its prior spend must be known before its plan")
+        self._prior_by_name[name] = _distinct(merged_history(c) for c in candidates)
+
+    def _candidates_for(self, name: str) -> list[History]:
+        if name in self._prior_by_name:
+            return list(self._prior_by_name[name])
+        return list(self._prior_for_every_client)
 
     # --- during training --------------------------------------------------------------
     def can_step(self, name: str) -> bool:
@@ -351,7 +362,10 @@ class FederatedPrivacy:
 
         def noise_for(parameter: torch.nn.Parameter, std: float, generator: torch.Generator | None) -> torch.Tensor:
             key = names[id(parameter)]
-            return self.noise(key, parameter.shape, adapter, std, generator, regulate).to(parameter.dtype)
+            generator = self._generator(generator, parameter.device)
+            return self.noise(key, parameter.shape, adapter, std, generator, regulate, self.secure_mode).to(
+                parameter.dtype
+            )
 
         def after_noise(parameter: torch.nn.Parameter, noisy: torch.Tensor) -> torch.Tensor:
             if filter_fn is None:
@@ -371,69 +385,20 @@ class FederatedPrivacy:
             generator=client.noise_generator,
         )
 
-    @staticmethod
-    def noise(
-        key: str,
-        shape: torch.Size,
-        peers: Mapping[str, torch.Tensor],
-        std: float,
-        generator: torch.Generator | None,
-        regulate: bool,
-    ) -> torch.Tensor:
-        """Gaussian noise for one released tensor: isotropic N(0, std^2), or for a LoRA factor under DEeR's
-        regulator shaped by its peer factor (covariance never below std^2 I, so the accounting holds)."""
-        factor = factor_of(key)
-        peer = peer_name(key)
-        if regulate and factor in (LORA_A, LORA_B) and peer in peers:
-            return regulated_noise(factor, peers[peer].detach(), shape, std, generator)
-        reference = peers[key] if key in peers else None
-        device = reference.device if reference is not None else None
-        return torch.normal(0.0, std, size=tuple(shape), generator=generator, device=device)
+    # The noise of every release (a staticmethod so a test can wrap it).
+    noise = staticmethod(draw_noise)
 
-    # --- client unit: the whole round update is the released object ----------------------
-    def sample_participants(self, names: list[str]) -> list[str]:
-        """Client unit: each client takes part independently with the client rate, drawn from secret randomness
-        (amplification by client sampling assumes nobody outside can tell who took part)."""
-        if self.client_rate >= 1.0:
-            return list(names)
-        draws = torch.rand(len(names), generator=self._participation_generator)
-        return [name for name, draw in zip(names, draws.tolist(), strict=True) if draw < self.client_rate]
-
-    def release(
-        self,
-        name: str,
-        start: Mapping[str, torch.Tensor],
-        trained: Mapping[str, torch.Tensor],
-        peers: Mapping[str, torch.Tensor],
-        regulate: bool,
-    ) -> dict[str, torch.Tensor]:
-        """Client unit: clip the client's whole update (every tensor it sends, together; or per layer, each of
-        the P tensors to C / sqrt(P)) to C, add noise, and return what may leave the client. `peers` are public
-        values (the global state) that shape the noise."""
-        client = self.clients[name]
-        update = {key: trained[key].float() - start[key].float() for key in trained}
-        if self.clipping == "per_layer":
-            threshold = self.clip_norm / math.sqrt(len(update))
-            scales = {key: min(1.0, threshold / (float(u.norm()) + 1e-12)) for key, u in update.items()}
-        else:
-            norm = torch.sqrt(sum((u**2).sum() for u in update.values()))
-            scales = dict.fromkeys(update, min(1.0, self.clip_norm / (float(norm) + 1e-12)))
-        std = client.noise_multiplier * math.sqrt(client.releases_per_step) * self.clip_norm
-        released = {}
-        for key, change in update.items():
-            noise = self.noise(key, change.shape, peers, std, client.noise_generator, regulate)
-            released[key] = (start[key].float() + change * scales[key] + noise.float()).to(trained[key].dtype)
-        return released
-
-    def record_round(self, names: list[str]) -> None:
-        """Client unit: every client's accountant takes one step per round, whether or not it was sampled."""
-        for name in names:
-            self.record_step(name)
+    def _generator(self, persistent: torch.Generator | None, device: torch.device | None = None):
+        """Secure mode: a fresh generator from OS entropy for every draw (no state that could regenerate it)."""
+        if not self.secure_mode:
+            return persistent
+        return torch.Generator(device=device if device is not None else "cpu").manual_seed(secrets.randbits(63))
 
     def sample_batch(self, name: str) -> list[int]:
         """Poisson sampling from the client's secret stream: each example joins independently with rate q."""
         client = self.clients[name]
-        mask = torch.rand(client.num_examples, generator=client.sampling_generator) < client.sample_rate
+        generator = self._generator(client.sampling_generator)
+        mask = torch.rand(client.num_examples, generator=generator) < client.sample_rate
         return mask.nonzero().flatten().tolist()
 
     def record_step(self, name: str) -> None:
@@ -442,43 +407,67 @@ class FederatedPrivacy:
 
     # --- reporting ----------------------------------------------------------------------
     def _reported_clients(self) -> dict[str, ClientPrivacy]:
-        """Every client whose data the adapter carries: this run's and those of a composed earlier run."""
-        return {**self._past_clients, **self.clients}
+        return self.clients
 
     def epsilon(self, name: str, client: ClientPrivacy | None = None) -> float:
-        """The client's epsilon from its history; recomputed only when the history changed since the last call
-        (with 1,000 clients and 10 per round, a round's log recomputes 10)."""
+        """The client's epsilon: the worst of its candidate histories; recomputed only when they changed since the
+        last call (with 1,000 clients and 10 per round, a round's log recomputes 10)."""
         client = client if client is not None else self._reported_clients()[name]
-        history = tuple(client.history)
+        candidates = client.candidates()
+        key = tuple(tuple(history) for history in candidates)
         cached = self._epsilon_cache.get(name)
-        if cached is None or cached[0] != history:
-            cached = (history, epsilon_from_history(history, self.delta, self.accountant_name))
-            self._epsilon_cache[name] = cached
+        if cached is None or cached[0] != key:
+            worst = max(epsilon_from_history(h, self.delta, self.accountant_name) for h in candidates)
+            cached = self._epsilon_cache[name] = (key, worst)
         return cached[1]
+
+    def history(self, name: str, client: ClientPrivacy | None = None) -> History:
+        """The client's reported history: its worst candidate composed with its own steps."""
+        client = client if client is not None else self._reported_clients()[name]
+        return max(client.candidates(), key=lambda h: epsilon_from_history(h, self.delta, self.accountant_name))
 
     def max_epsilon(self) -> float:
         return max((self.epsilon(name, c) for name, c in self._reported_clients().items()), default=0.0)
+
+    def client_report(self, name: str, client: ClientPrivacy | None = None) -> dict[str, Any]:
+        client = client if client is not None else self._reported_clients()[name]
+        history = self.history(name, client)
+        return {
+            "epsilon": self.epsilon(name, client),
+            "num_examples": client.num_examples,
+            "noise_multiplier": client.noise_multiplier,
+            "sample_rate": client.sample_rate,
+            "steps": sum(int(n) for _, _, n in history),
+            "history": [list(entry) for entry in history],
+        }
+
+    def plan_reply(self, name: str) -> dict[str, Any]:
+        """What a client's plan tells the server, which keeps its own account (`ScheduledAccounts`)."""
+        client = self.clients[name]
+        return {
+            "noise_multiplier": client.noise_multiplier,
+            "sample_rate": client.sample_rate,
+            "num_examples": client.num_examples,
+            "prior_candidates": [[list(entry) for entry in prior] for prior in client.prior_candidates],
+            "own_history": [list(entry) for entry in client.own_history],
+            "seeded": self.seeded,
+        }
 
     def report(self) -> dict[str, Any]:
         """Everything needed to re-derive each client's epsilon with an independent accountant."""
         if not self.enabled:
             return {"private": False, "unit": None, "epsilon": None, "clients": {}}
-        clients = {
-            name: {
-                "epsilon": self.epsilon(name, c),
-                "num_examples": c.num_examples,
-                "noise_multiplier": c.noise_multiplier,
-                "sample_rate": c.sample_rate,
-                "steps": c.steps_taken,
-                **({"releases_per_round": c.releases_per_step} if self.unit == "client" else {}),
-                "history": [list(entry) for entry in c.history],
-            }
-            for name, c in self._reported_clients().items()
+        clients = {name: self.client_report(name, c) for name, c in self._reported_clients().items()}
+        return self.report_header() | {
+            "epsilon": max((c["epsilon"] for c in clients.values()), default=0.0),
+            "clients": clients,
         }
+
+    def report_header(self) -> dict[str, Any]:
+        """The settings every client's report shares."""
         return {
             "private": True,
             "unit": self.unit,
-            "epsilon": max((c["epsilon"] for c in clients.values()), default=0.0),
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "accountant": self.accountant_name,
@@ -490,30 +479,22 @@ class FederatedPrivacy:
                 if self.calibration == GRID_CALIBRATION and self.target_epsilon is not None
                 else {}
             ),
+            "secure_mode": self.secure_mode,
             # True when the sampling and noise came from a user's secret seed: then the guarantee holds only
             # while that seed stays secret. The seed itself is never recorded.
             "seeded": self.seeded,
-            "clients": clients,
         }
 
-    # --- saving and restoring (private: checkpoints and the on-disk ledger, never published) ------
+    # --- secret state: the secret store, never beside artefacts ----------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: each client's spent history, noise, budget and secret RNG states.
 
-        JSON-safe (RNG states as base64). It holds the secret streams: keep it private, never publish it.
+        JSON-safe (RNG states as base64). It holds the secret streams: it goes to the secret store only.
         """
-        return {
-            "clients": {name: _client_state(c) for name, c in self.clients.items()},
-            "past_clients": {name: _client_state(c) for name, c in self._past_clients.items()},
-            "participation_generator": _encode_state(self._participation_generator.get_state()),
-            "client_rate": self.client_rate,
-        }
+        return {"clients": {name: self.client_state(name) for name in self.clients}}
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
         self.clients = {name: self.client_from_state(s, device) for name, s in state["clients"].items()}
-        self._past_clients = {name: self.client_from_state(s, device) for name, s in state["past_clients"].items()}
-        self._participation_generator.set_state(_decode_state(state["participation_generator"]))
-        self.client_rate = float(state["client_rate"])
 
     def client_state(self, name: str) -> dict[str, Any]:
         """One client's part of `state_dict` (a driver that keeps each client's ledger on its own disk)."""
@@ -522,21 +503,23 @@ class FederatedPrivacy:
     def load_client_state(self, name: str, state: Mapping[str, Any], device: torch.device) -> None:
         self.clients[name] = self.client_from_state(state, device)
 
-    def catch_up_with_ledger(self, ledger: Mapping[str, Any], device: torch.device) -> list[str]:
-        """After a crash: take each client's state from the ledger where it ran further than the checkpoint.
+    def recalibrate_on_next_plan(self, names: Sequence[str]) -> None:
+        """Clients that ran more steps than planned (a crash after a checkpoint): the next plan gives them the noise
+        that keeps what is left within the target."""
+        self._recalibrate.update(names)
 
-        The ledger is written before a client releases anything, so steps of a round lost in the crash are
-        counted (epsilon may be over-counted, never under-counted) and the noise and sampling streams continue
-        instead of replaying. A target-calibrated client that ran extra steps gets new noise for what is left
-        (see `plan`). Returns the clients that were behind.
-        """
+    def catch_up(self, saved: Mapping[str, Any], device: torch.device) -> list[str]:
+        """Take each client's state from a saved one where that client ran further (a crash after a checkpoint):
+        those steps stay counted (epsilon may be over-counted, never under-counted) and the noise and sampling
+        streams continue instead of replaying; a target-calibrated client gets new noise for what is left (see
+        `plan`). Returns the clients that were behind."""
         behind = []
-        for name, saved in ledger.get("clients", {}).items():
+        for name, state in saved.get("clients", {}).items():
             client = self.clients.get(name)
-            steps = sum(int(n) for _, _, n in saved["history"])
+            steps = sum(int(n) for _, _, n in state["history"])
             if client is None or steps <= client.steps_taken:
                 continue
-            self.clients[name] = self.client_from_state(saved, device)
+            self.clients[name] = self.client_from_state(state, device)
             self._recalibrate.add(name)
             behind.append(name)
         return behind
@@ -546,9 +529,9 @@ class FederatedPrivacy:
         accountant = make_accountant(self.accountant_name)
         accountant.history = [(float(a), float(b), int(c)) for a, b, c in s["history"]]
         noise_generator = torch.Generator(device=device)
-        noise_generator.set_state(_decode_state(s["noise_generator"]))
+        decode_generator_state(noise_generator, s["noise_generator"])
         sampling_generator = torch.Generator()
-        sampling_generator.set_state(_decode_state(s["sampling_generator"]))
+        decode_generator_state(sampling_generator, s["sampling_generator"])
         return ClientPrivacy(
             num_examples=int(s["num_examples"]),
             sample_rate=float(s["sample_rate"]),
@@ -557,7 +540,7 @@ class FederatedPrivacy:
             accountant=accountant,
             noise_generator=noise_generator,
             sampling_generator=sampling_generator,
-            releases_per_step=int(s.get("releases_per_step", 1)),
+            prior_candidates=[merged_history(c) for c in s.get("prior_candidates", [])],
         )
 
 
@@ -567,16 +550,19 @@ def _client_state(c: ClientPrivacy) -> dict[str, Any]:
         "sample_rate": c.sample_rate,
         "noise_multiplier": c.noise_multiplier,
         "step_budget": c.step_budget,
-        "releases_per_step": c.releases_per_step,
-        "history": [list(entry) for entry in c.history],
-        "noise_generator": _encode_state(c.noise_generator.get_state()),
-        "sampling_generator": _encode_state(c.sampling_generator.get_state()),
+        "history": [list(entry) for entry in c.accountant.history],
+        "prior_candidates": [[list(entry) for entry in prior] for prior in c.prior_candidates],
+        "noise_generator": encode_generator_state(c.noise_generator),
+        "sampling_generator": encode_generator_state(c.sampling_generator),
     }
 
 
-def _encode_state(state: torch.Tensor) -> str:
-    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
-
-
-def _decode_state(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+def _distinct(histories) -> list[History]:
+    """Histories without repeats (several earlier clients often spent alike), in first-seen order."""
+    seen, distinct = set(), []
+    for history in histories:
+        key = tuple(tuple(entry) for entry in history)
+        if key not in seen:
+            seen.add(key)
+            distinct.append(list(history))
+    return distinct

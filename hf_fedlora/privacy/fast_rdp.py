@@ -14,8 +14,9 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from opacus.accountants.analysis import rdp as opacus_rdp
 from scipy import special
+
+from .opacus_compat import opacus_rdp
 
 _STOP_LOG_TERM = -30.0  # Opacus stops at the first term whose two halves are both below exp(-30)
 

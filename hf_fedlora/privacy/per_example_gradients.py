@@ -14,8 +14,9 @@ the SUM of per-example losses, so no layer is rescaled by a wrong "batch" size),
 from __future__ import annotations
 
 import torch
-from opacus.grad_sample import GradSampleHooks
 from torch import nn
+
+from .opacus_compat import GradSampleHooks
 
 
 def check_supported(model: nn.Module, trainable_names: set[str]) -> None:

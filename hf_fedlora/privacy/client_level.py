@@ -1,0 +1,318 @@
+"""Client-level DP as DP-FedAvg (McMahan et al., 2018): the unit of privacy is all of one client's data.
+
+Each sampled client trains without per-example clipping and clips its whole round update (every tensor it sends,
+together; or per tensor) to C. The aggregator re-clips each update (a no-op for an honest client), sums them, adds
+Gaussian noise N(0, sigma^2 C^2) ONCE to the sum, and divides by a fixed expected count W = q x N, never by who took
+part: the noise in the published adapter says nothing about how many clients took part. One accountant runs over
+rounds at the client-sampling rate q. A method that releases twice a round (DEeR) gets noise sigma sqrt(2) C on each
+release, so a round is one Gaussian mechanism at sigma.
+
+The neighbouring relation is named, as Flower's PrivacyConfig names it:
+- "add_or_remove_one": clients take part by secret Poisson sampling at rate q; which clients there are, their names,
+  sizes, and who took part in any round (or how many, or who failed) are never published. q and W are public
+  parameters of the mechanism, fixed from the planned population.
+- "replace_one": the client list is public; one client's data replaced by another's moves the sum by up to 2C,
+  accounted as such. Every client takes part in every round (no sampling is analysed for this relation here).
+
+Trust: the aggregator sees the clipped updates before the noise (central DP).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .accountants import epsilon_from_history, make_accountant
+from .calibration import calibrate_noise_multiplier
+from .dp_optimizer import CLIPPINGS
+from .noise import draw_noise
+from .state import decode_generator_state, encode_generator_state, merged_history
+
+ADD_OR_REMOVE_ONE, REPLACE_ONE = "add_or_remove_one", "replace_one"
+NEIGHBOURING_RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
+NOISE_STREAM, PARTICIPATION_STREAM = 1, 2
+
+
+def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float, clipping: str) -> dict[str, torch.Tensor]:
+    """The update scaled to norm at most `clip_norm`, in float32: all tensors together ("flat"), or each of the P
+    tensors to clip_norm / sqrt(P) ("per_layer", so the whole update is still within clip_norm)."""
+    if clipping not in CLIPPINGS:
+        raise ValueError(f"clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
+    update = {key: tensor.detach().float() for key, tensor in update.items()}
+    if not update:
+        return {}
+    if clipping == "per_layer":
+        threshold = clip_norm / math.sqrt(len(update))
+        return {key: u * min(1.0, threshold / (float(u.norm()) + 1e-12)) for key, u in update.items()}
+    norm = float(torch.sqrt(sum((u.double() ** 2).sum() for u in update.values())))
+    scale = min(1.0, clip_norm / (norm + 1e-12))
+    return {key: u * scale for key, u in update.items()}
+
+
+def client_level_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str, relation: str):
+    """Epsilon of a client-level history under the relation. Replace-one with every client in every round is the
+    Gaussian mechanism at sensitivity 2C, i.e. add/remove at noise multiplier sigma / 2."""
+    history = [(float(s), float(q), int(n)) for s, q, n in history]
+    if relation == REPLACE_ONE:
+        if any(q != 1.0 for _, q, n in history if n):
+            raise ValueError("replace_one is accounted here for full participation (sample rate 1) only")
+        history = [(s / 2, q, n) for s, q, n in history]
+    return epsilon_from_history(history, delta, accountant)
+
+
+class ClientLevelPrivacy:
+    """The aggregator's side of DP-FedAvg: secret participation, one noise per release, one accountant."""
+
+    unit = "client"
+
+    def __init__(
+        self,
+        *,
+        target_epsilon: float | None,
+        target_delta: float,
+        noise_multiplier: float | None,
+        clip_norm: float,
+        clipping: str = "flat",
+        accountant: str = "prv",
+        relation: str = ADD_OR_REMOVE_ONE,
+        secret_seed: int | None = None,
+        secure_mode: bool = False,
+    ):
+        if relation not in NEIGHBOURING_RELATIONS:
+            choices = list(NEIGHBOURING_RELATIONS)
+            raise ValueError(f"dp_neighbouring_relation must be one of {choices}, got {relation!r}")
+        if clipping not in CLIPPINGS:
+            raise ValueError(f"dp_clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
+        self.target_epsilon = target_epsilon
+        self.delta = target_delta
+        self.fixed_noise_multiplier = noise_multiplier
+        self.clip_norm = clip_norm
+        self.clipping = clipping
+        self.accountant_name = accountant
+        self.relation = relation
+        self.secure_mode = secure_mode
+        self.seeded = secret_seed is not None
+        root = secret_seed if secret_seed is not None else secrets.randbits(63)
+        self._noise_generator = torch.Generator().manual_seed(_derived(root, NOISE_STREAM))
+        self._participation_generator = torch.Generator().manual_seed(_derived(root, PARTICIPATION_STREAM))
+        self.noise_multiplier: float | None = None
+        self.sample_rate = 1.0
+        self.expected_clients = 0.0
+        self.releases_per_round = 1
+        self.round_budget: int | None = None
+        self.prior_history: list[tuple[float, float, int]] = []
+        self.accountant = make_accountant(accountant)
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_epsilon is not None or self.fixed_noise_multiplier is not None
+
+    # --- before training --------------------------------------------------------------------------
+    def plan(self, num_clients: int, clients_per_round: int | None, rounds: int, releases_per_round: int) -> None:
+        """Fix q = W / N, the expected count W and sigma for `rounds` more rounds; refuse a plan over the target.
+
+        Called again for a later `train()` of the same run: sigma stays, the budget grows if the target allows."""
+        expected = clients_per_round or num_clients
+        if self.relation == REPLACE_ONE and expected != num_clients:
+            raise ValueError(
+                f"dp_neighbouring_relation='replace_one' is accounted for full participation only, but "
+                f"clients_per_round={clients_per_round} of {num_clients} clients. Leave clients_per_round unset, or "
+                "use 'add_or_remove_one' (secret Poisson sampling of clients, amplified)."
+            )
+        if self.delta >= 1.0 / num_clients:
+            raise ValueError(
+                f"dp_target_delta={self.delta} is not below 1/N for the N={num_clients} clients (unit: one client): a "
+                "delta that large allows releasing a whole client's data. Use a delta far below 1/N."
+            )
+        self.sample_rate = expected / num_clients
+        self.expected_clients = float(expected)
+        self.releases_per_round = releases_per_round
+        if self.noise_multiplier is None:
+            self.noise_multiplier = self._calibrate(rounds)
+        self._refuse_overspending(rounds)
+        self.round_budget = self.rounds_run + rounds
+
+    def _calibrate(self, rounds: int) -> float:
+        if self.fixed_noise_multiplier is not None:
+            return float(self.fixed_noise_multiplier)
+        effective = calibrate_noise_multiplier(
+            self.target_epsilon,
+            self.delta,
+            self.sample_rate,
+            rounds,
+            self.accountant_name,
+            prior_history=tuple(self._effective(self.prior_history)),
+        )
+        return 2 * effective if self.relation == REPLACE_ONE else effective
+
+    def _effective(self, history):
+        return [(s / 2, q, n) for s, q, n in history] if self.relation == REPLACE_ONE else list(history)
+
+    def _refuse_overspending(self, rounds: int) -> None:
+        if self.target_epsilon is None:
+            return
+        projected = self.history + [(self.noise_multiplier, self.sample_rate, rounds)]
+        epsilon = client_level_epsilon(projected, self.delta, self.accountant_name, self.relation)
+        if epsilon > self.target_epsilon:
+            raise ValueError(
+                f"This plan would exceed dp_target_epsilon={self.target_epsilon} (unit: one client, delta={self.delta}"
+                f", {self.accountant_name}): {self.rounds_run} rounds already run + {rounds} planned at noise "
+                f"multiplier {self.noise_multiplier:.4g}, sample rate {self.sample_rate:.4g} -> epsilon "
+                f"{epsilon:.3f}; nothing was trained."
+            )
+
+    def compose_with(self, prior_privacy: Mapping[str, Any]) -> None:
+        """Continue an adapter trained under client-level DP: its rounds count first (the same clients)."""
+        if prior_privacy.get("unit") != "client":
+            raise ValueError(
+                f"The adapter was trained under privacy unit {prior_privacy.get('unit')!r}; this run's unit is "
+                "'client': they cannot be composed. Set dp_new_privacy_budget=True only if this run's data are "
+                "disjoint from that run's."
+            )
+        if prior_privacy.get("neighbouring_relation", ADD_OR_REMOVE_ONE) != self.relation:
+            raise ValueError(
+                f"The adapter was trained under dp_neighbouring_relation={prior_privacy.get('neighbouring_relation')!r}"
+                f", this run uses {self.relation!r}: one guarantee cannot compose the two."
+            )
+        history = prior_privacy.get("history") or []
+        self.prior_history = [(float(s), float(q), int(n)) for s, q, n in history]
+
+    # --- during training --------------------------------------------------------------------------
+    def sample_participants(self, names: list[str]) -> list[str]:
+        """Each client takes part independently with probability q, from secret randomness (amplification by
+        sampling holds only while nobody can tell who took part)."""
+        if self.sample_rate >= 1.0:
+            return list(names)
+        generator = self._generator(self._participation_generator)
+        draws = torch.rand(len(names), generator=generator)
+        return [name for name, draw in zip(names, draws.tolist(), strict=True) if draw < self.sample_rate]
+
+    def can_run_round(self) -> bool:
+        return self.round_budget is None or self.rounds_run < self.round_budget
+
+    def record_round(self) -> None:
+        """One accounted round, counted BEFORE its noise is drawn: a round that fails half-way is still spent."""
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+
+    def aggregator(self, keys: Iterable[str]) -> DPFedAvgSum:
+        """A sum of clipped updates over the released tensors `keys`, for one release (sub-round)."""
+        return DPFedAvgSum(self, list(keys))
+
+    def _generator(self, persistent: torch.Generator) -> torch.Generator:
+        """Secure mode: a fresh generator from OS entropy for every draw (no state that could regenerate it)."""
+        if self.secure_mode:
+            return torch.Generator().manual_seed(secrets.randbits(63))
+        return persistent
+
+    # --- reporting --------------------------------------------------------------------------------
+    @property
+    def rounds_run(self) -> int:
+        return sum(int(n) for _, _, n in self.accountant.history)
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return merged_history(self.prior_history + [tuple(entry) for entry in self.accountant.history])
+
+    def epsilon(self) -> float:
+        return client_level_epsilon(self.history, self.delta, self.accountant_name, self.relation)
+
+    def max_epsilon(self) -> float:
+        return self.epsilon()
+
+    def report(self) -> dict[str, Any]:
+        """What the record publishes: the federation's one history, no client names, sizes or counts."""
+        if not self.enabled:
+            return {"private": False, "unit": None, "epsilon": None, "clients": {}}
+        history = self.history
+        return {
+            "private": True,
+            "unit": "client",
+            "neighbouring_relation": self.relation,
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "accountant": self.accountant_name,
+            "clip_norm": self.clip_norm,
+            "clipping": self.clipping,
+            "noise_calibration": "target" if self.target_epsilon is not None else "fixed",
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "expected_clients_per_round": self.expected_clients,
+            "releases_per_round": self.releases_per_round,
+            "rounds": sum(int(n) for _, _, n in history),
+            "history": [list(entry) for entry in history],
+            "secure_mode": self.secure_mode,
+            "seeded": self.seeded,
+            "clients": {},
+        }
+
+    # --- secret state (the secret store, never beside artefacts) ----------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "expected_clients": self.expected_clients,
+            "releases_per_round": self.releases_per_round,
+            "round_budget": self.round_budget,
+            "prior_history": [list(entry) for entry in self.prior_history],
+            "history": [list(entry) for entry in self.accountant.history],
+            "noise_generator": encode_generator_state(self._noise_generator),
+            "participation_generator": encode_generator_state(self._participation_generator),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.noise_multiplier = state["noise_multiplier"]
+        self.sample_rate = float(state["sample_rate"])
+        self.expected_clients = float(state["expected_clients"])
+        self.releases_per_round = int(state["releases_per_round"])
+        self.round_budget = state["round_budget"]
+        self.prior_history = [(float(s), float(q), int(n)) for s, q, n in state["prior_history"]]
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        decode_generator_state(self._noise_generator, state["noise_generator"])
+        decode_generator_state(self._participation_generator, state["participation_generator"])
+
+
+class DPFedAvgSum:
+    """One release of DP-FedAvg: clipped updates summed; the noise added once; divided by the expected count."""
+
+    def __init__(self, privacy: ClientLevelPrivacy, keys: list[str]):
+        self.privacy = privacy
+        self.keys = keys
+        self._sum: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def add(self, update: Mapping[str, torch.Tensor]) -> None:
+        """Fold one client's update in, clipped again here so the bound never rests on the client."""
+        if set(update) != set(self.keys):
+            raise ValueError(
+                f"a client-level update must hold exactly the released tensors; it differs in "
+                f"{sorted(set(update) ^ set(self.keys))[:3]}"
+            )
+        clipped = clip_update(update, self.privacy.clip_norm, self.privacy.clipping)
+        for key, tensor in clipped.items():
+            self._sum[key] = self._sum[key] + tensor if key in self._sum else tensor.clone()
+
+    @torch.no_grad()
+    def release(self, global_state: Mapping[str, torch.Tensor], regulate: bool) -> dict[str, torch.Tensor]:
+        """global + (sum + noise) / W for every released tensor; the noise is drawn even when nobody took part.
+        DEeR's regulator shapes the noise by the current (public) global peer factor."""
+        privacy = self.privacy
+        std = privacy.noise_multiplier * math.sqrt(privacy.releases_per_round) * privacy.clip_norm
+        generator = privacy._generator(privacy._noise_generator)
+        released = {}
+        for key in self.keys:
+            start = global_state[key]
+            total = self._sum.get(key, torch.zeros(start.shape, dtype=torch.float32, device=start.device))
+            noise = draw_noise(key, start.shape, global_state, std, generator, regulate, privacy.secure_mode)
+            step = (total + noise.float().to(total.device)) / privacy.expected_clients
+            released[key] = (start.float() + step).to(start.dtype)
+        return released
+
+
+def _derived(root: int, stream: int) -> int:
+    return int(np.random.SeedSequence([root, 0, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
