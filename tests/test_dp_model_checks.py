@@ -16,6 +16,9 @@ from hf_fedlora.privacy import PerExampleGradients, check_dp_trainable, check_tr
 @pytest.mark.parametrize("config_cls", [FedLoraConfig, FFALoraConfig])
 def test_lora_on_embeddings_is_refused_under_dp_naming_the_module(config_cls):
     model = tiny_peft(config_cls, target_modules=["query", "value", "word_embeddings"])
+    for name, parameter in model.named_parameters():
+        if ".lora_embedding_A." in name:
+            parameter.requires_grad_(False)  # FFA-LoRA's A is frozen: its B alone still has no per-example gradient
     with pytest.raises(ValueError, match=r"Remove the embedding module \(word_embeddings\) from target_modules"):
         check_dp_trainable(model)
     check_trainable_is_federated(model)  # fine without DP: the factors are adapter tensors
