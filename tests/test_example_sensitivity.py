@@ -28,6 +28,7 @@ from transformers import (
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     GPT2Config,
+    GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
@@ -82,11 +83,11 @@ def bert_config(**overrides) -> BertConfig:
     return BertConfig(**kwargs)
 
 
-def gpt2() -> GPT2LMHeadModel:
+def gpt2(model_class: type = GPT2LMHeadModel, **overrides) -> torch.nn.Module:
     """Absolute position embeddings: a left-padded example's positions depend on how far its row is padded."""
-    dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=40, eos_token_id=2, **dropout)
-    return GPT2LMHeadModel(config)
+    kwargs = dict(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=40, bos_token_id=2, eos_token_id=2)
+    kwargs.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
+    return model_class(GPT2Config(**kwargs))
 
 
 def llama() -> LlamaForCausalLM:
@@ -225,6 +226,13 @@ CASES = {
     "bert-mean-pooling": Case(
         lambda: BertMeanPoolingForSequenceClassification(bert_config()),
         ["query", "value"],
+        "SEQ_CLS",
+        sequence_examples("single"),
+        DataCollatorWithPadding(tokenizer()),
+    ),
+    "gpt2-seq-cls": Case(  # reads the last token that is not padding; absolute positions, padded on the right
+        lambda: gpt2(GPT2ForSequenceClassification, num_labels=NUM_LABELS, pad_token_id=PAD),
+        ["c_attn"],
         "SEQ_CLS",
         sequence_examples("single"),
         DataCollatorWithPadding(tokenizer()),
@@ -370,6 +378,20 @@ def test_question_answering_padded_on_the_left_is_refused_with_the_fix():
     features = [case.example(i, length, generator) for i, length in enumerate(SHORT_LENGTHS)]
     with pytest.raises(ValueError, match="padding_side = 'right'"):
         summed_example_losses(adapted(case), DataCollatorWithPadding(tokenizer("left"))(features), 5, False)
+
+
+@pytest.mark.parametrize("name", ["gpt2-seq-cls", "bert-token-cls"])
+def test_other_tasks_padded_on_the_left_without_position_ids_are_refused_with_the_fix(name):
+    """Outside causal LMs no position ids are made up (RoBERTa counts from its padding index): a left-padded batch
+    for a model that takes them is refused, as GPT-2's absolute positions would shift with the longest example."""
+    case = CASES[name]
+    generator = torch.Generator().manual_seed(1)
+    features = [case.example(i, length, generator) for i, length in enumerate(SHORT_LENGTHS)]
+    collator = type(case.collator)(tokenizer("left"))
+    with pytest.raises(ValueError, match="padded on the left without position ids.*padding_side = 'right'"):
+        summed_example_losses(adapted(case), collator(features), len(features), causal_lm=False)
+    positioned = with_own_positions(gpt2(), collator(features))  # given position ids, the batch is taken
+    summed_example_losses(adapted(case), positioned, len(features), causal_lm=False)
 
 
 class NoPositions(torch.nn.Module):

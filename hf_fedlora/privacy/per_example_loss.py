@@ -12,7 +12,8 @@ Other losses are recomputed here, each example over its own tokens only:
   example's softmax covers its own positions only (padding masked);
 - causal LMs without `position_ids`: a model with absolute positions (GPT-2) would number a
   left-padded example from the batch's longest example; here positions count each example's own
-  tokens, as `generate` numbers them.
+  tokens, as `generate` numbers them. Other tasks' left-padded batches without position ids are
+  refused (their models do not all number positions from 0).
 
 With the per-example gradient hooks in "sum" mode, example i's recorded gradient is then exactly
 the gradient of its own loss; the DP optimizer divides the noisy sum by the expected batch size.
@@ -49,6 +50,8 @@ def summed_example_losses(
             start_logits, end_logits, inputs["start_positions"], inputs["end_positions"], inputs.get("attention_mask")
         )
         return losses.sum(), losses.detach()
+    if not causal_lm:
+        check_no_shifted_positions(model, inputs)
     labels = inputs.get("labels")
     if _is_token_level(labels):
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
@@ -82,6 +85,27 @@ def with_own_positions(model: nn.Module, inputs: Mapping[str, Any]) -> Mapping[s
     return {**inputs, "position_ids": (mask.long().cumsum(dim=-1) - 1).clamp(min=0)}
 
 
+def check_no_shifted_positions(model: nn.Module, inputs: Mapping[str, Any]) -> None:
+    """Refuse a left-padded batch without position ids for a model that takes them (outside causal LMs).
+
+    Such a model numbers positions from the start of the padded row, so with absolute position embeddings
+    (GPT2ForSequenceClassification) an example's positions depend on its batch's longest example. Outside causal
+    LMs the default numbering is not always 0..L-1 (RoBERTa counts from its padding index), so no position ids are
+    made up here: the batch is refused and the fix named.
+    """
+    mask = inputs.get("attention_mask")
+    if inputs.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return
+    if _left_padded(mask) and _forward_takes(model, "position_ids"):
+        raise ValueError(
+            "Under DP this batch is padded on the left without position ids: the model numbers positions from the "
+            "start of each padded row, so with absolute position embeddings (e.g. GPT-2) an example's gradient "
+            "would depend on the length of the longest example of its batch. Pad on the right "
+            "(tokenizer.padding_side = 'right', for the collator too), or have the collator pass position_ids "
+            "counted over each example's own tokens."
+        )
+
+
 def question_answering_losses(
     start_logits: torch.Tensor,
     end_logits: torch.Tensor,
@@ -100,7 +124,7 @@ def question_answering_losses(
     own = torch.ones(start_logits.shape, dtype=torch.bool, device=start_logits.device)
     if attention_mask is not None:
         own = attention_mask.to(start_logits.device).bool()
-        if bool((own[:, 1:] & ~own[:, :-1]).any()):
+        if _left_padded(own):
             raise ValueError(
                 "Question answering under DP needs batches padded on the right: start and end positions index "
                 "the padded sequence, so padding on the left would move an example's answer with the length of "
@@ -136,6 +160,12 @@ def token_mean_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -
     ).view(labels.shape)
     counts = (labels != IGNORE_INDEX).sum(dim=1)
     return per_token.sum(dim=1) / counts.clamp(min=1)
+
+
+def _left_padded(mask: torch.Tensor) -> bool:
+    """Whether some row has padding (0) before one of its tokens (1)."""
+    mask = mask.bool()
+    return bool((mask[:, 1:] & ~mask[:, :-1]).any())
 
 
 def _forward_takes(model: nn.Module, argument: str) -> bool:
