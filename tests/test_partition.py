@@ -300,6 +300,12 @@ def test_identical_rows_share_a_client():
     assert all(count == 10 for group in groups for count in group.values())
 
 
+def test_a_client_left_empty_by_repeated_rows_says_so():
+    dataset = Dataset.from_dict({"text": ["a b", "c d"] * 50, "label": [0, 1] * 50})
+    with pytest.raises(ValueError, match="only 2 of the 100 rows are distinct"):
+        partition_dataset(dataset, scheme="iid", num_clients=4)
+
+
 def png_bytes(shade):
     buffer = io.BytesIO()
     PILImage.new("RGB", (2, 2), (shade, 0, 0)).save(buffer, format="PNG")

@@ -61,7 +61,7 @@ def partition_iid(dataset: Dataset, num_clients: int, seed: int = 0, min_partiti
         num_clients,
         min_partition_size,
         f"the iid split of {len(dataset)} examples",
-        "use fewer clients, more data or a smaller partition_min_size",
+        "use fewer clients, more data or a smaller partition_min_size" + _duplicates_note(positions),
     )
     return _select_clients(dataset, clients, num_clients)
 
@@ -112,6 +112,7 @@ def _dirichlet_clients(
         f"partition_min_size={min_partition_size}, in each of {MAX_DIRICHLET_DRAWS} draws of the label proportions "
         f"(num_clients={num_clients}, dirichlet_alpha={alpha}, {len(dataset)} examples; last draw's client sizes "
         f"{sizes.tolist()}); use a larger dirichlet_alpha, fewer clients or a smaller partition_min_size"
+        + _duplicates_note(positions)
     )
 
 
@@ -136,13 +137,15 @@ def partition_by_label_proportions(
             f"{len(groups)} distinct labels {list(groups)}; give one column per label, in sorted label order"
         )
     columns = dict(zip(groups, matrix.T, strict=True))
-    clients = _place_each_label(groups, example_positions(dataset, seed), columns)
+    positions = example_positions(dataset, seed)
+    clients = _place_each_label(groups, positions, columns)
     _check_min_size(
         clients,
         num_clients,
         min_partition_size,
         f"label_proportions on {len(dataset)} examples",
-        "use more data, larger proportions for those rows or a smaller partition_min_size",
+        "use more data, larger proportions for those rows or a smaller partition_min_size"
+        + _duplicates_note(positions),
     )
     return _select_clients(dataset, clients, num_clients)
 
@@ -422,6 +425,14 @@ def _place_each_label(
         edges[-1] = 1.0  # u < 1, so rounding in the sum never sends an example past the last client
         clients[indices] = np.searchsorted(edges, positions[indices], side="right")
     return clients
+
+
+def _duplicates_note(positions: np.ndarray) -> str:
+    """Say so when repeated rows shrink the data: identical rows always share a client."""
+    distinct = len(np.unique(positions))
+    if distinct == len(positions):
+        return ""
+    return f" (only {distinct} of the {len(positions)} rows are distinct, and identical rows always share a client)"
 
 
 def _check_sizes_possible(num_clients: int, num_examples: int, min_size: int, name: str = "num_clients") -> None:
