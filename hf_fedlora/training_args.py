@@ -102,6 +102,14 @@ class FederatedTrainingArguments(TrainingArguments):
         default="iid", metadata={"help": f"How to split one train_dataset among clients: one of {PARTITIONS}."}
     )
     partition_seed: int | None = field(default=None, metadata={"help": "Seed of the partition. Default: seed."})
+    partition_min_size: int = field(
+        default=1,
+        metadata={
+            "help": "Fewest examples a client of a split train_dataset may hold (Flower Datasets' min_partition_size). "
+            "A dirichlet split below it re-draws the label proportions (a bounded number of times; the record says "
+            "how many draws); any other scheme below it is refused. Default 1: no empty client."
+        },
+    )
     label_column: str | None = field(
         default=None, metadata={"help": "Label column for label-based partitions and histograms (auto: label/labels)."}
     )
@@ -300,6 +308,7 @@ class FederatedTrainingArguments(TrainingArguments):
         _require_choice(self.aggregation_weights, "aggregation_weights", AGGREGATION_WEIGHTS)
         _require_int(self.eval_every_rounds, "eval_every_rounds", minimum=1)
         _require_choice(self.partition, "partition", PARTITIONS)
+        _require_int(self.partition_min_size, "partition_min_size", minimum=1)
         if not self.dirichlet_alpha > 0:
             raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
         if self.label_proportions is not None and not isinstance(self.label_proportions, list):

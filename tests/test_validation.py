@@ -268,7 +268,7 @@ def test_labels_out_of_range_in_the_eval_dataset_are_refused(tmp_path):
 
 
 def test_dataset_without_the_models_input_column_is_refused(tmp_path):
-    text_only = Dataset.from_dict({"text": ["a b", "c d"] * 100, "label": [0, 1] * 100})
+    text_only = Dataset.from_dict({"text": [f"a b {i}" for i in range(200)], "label": [0, 1] * 100})
     with pytest.raises(ValueError, match="'input_ids'") as error:
         FederatedTrainer(tiny_peft(FFALoraConfig), fed_args(tmp_path), train_dataset=text_only)
     assert "tokenizer" in str(error.value)
