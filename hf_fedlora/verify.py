@@ -498,9 +498,13 @@ def _verify_federation(
                 )
             )
         scheduled = _scheduled_steps(federation, name)
-        # The entries this run added: a fresh run's whole history; after an earlier run, at least the last entry.
-        this_run = history if not federation.composed else history[-1:] if scheduled else []
-        _check_sample_rate(problems, name, client, this_run, federation.batch_size / size, federation)
+        # The entries this run added: a fresh run's whole history; after an earlier run, the last entry if this
+        # run gave the client steps (the earlier entries may have run at another batch size or noise).
+        if not federation.composed:
+            this_run = history
+        else:
+            this_run = history[-1:] if scheduled else []
+        _check_sample_rate(problems, name, client, this_run, federation)
         _check_steps(report, name, history, scheduled, federation)
         _check_noise_multiplier(report, name, client, this_run, federation.composed)
 
@@ -518,7 +522,11 @@ def _read_federation(record: Mapping[str, Any], problems: list[Problem], notes: 
         )
         return None
     numbers = {key: record.get(key) for key in ("num_clients", "clients_per_round", "rounds", "batch_size")}
-    wrong = [f"{key} = {value!r}" for key, value in numbers.items() if not _is_int(value) or value < 1]
+    wrong = [
+        f"{key} = {value!r}"
+        for key, value in numbers.items()
+        if not _is_int(value) or value < (0 if key == "rounds" else 1)
+    ]
     local_steps, local_epochs, method = record.get("local_steps"), record.get("local_epochs"), record.get("method")
     if local_steps is not None and not (_is_int(local_steps) and local_steps >= 1):
         wrong.append(f"local_steps = {local_steps!r}")
@@ -534,7 +542,7 @@ def _read_federation(record: Mapping[str, Any], problems: list[Problem], notes: 
                 "record-malformed",
                 "the federation's "
                 + ", ".join(wrong)
-                + ": num_clients, clients_per_round, rounds and batch_size must be integers >= 1, local_steps an "
+                + ": num_clients, clients_per_round and batch_size must be integers >= 1, rounds >= 0, local_steps an "
                 "integer >= 1 or null, local_epochs a number > 0 or null, method an object naming the method; "
                 "without them nobody can check the privacy entries against the run",
             )
@@ -670,24 +678,29 @@ def _check_sample_rate(
     name: str,
     client: Mapping[str, Any],
     this_run: Sequence[tuple[float, float, int]],
-    expected: float,
     federation: _Federation,
 ) -> None:
     """q = batch_size / n: the record's sample rate and every history entry of this run."""
+    size = federation.sizes[name]
+    expected = federation.batch_size / size
     rates = [("sample_rate", client.get("sample_rate"))]
     if federation.composed:
-        rates += [("its last history entry", q) for _, q, _ in this_run]
+        rates += [("the last history entry's q", q) for _, q, _ in this_run]
     else:
-        rates += [(f"history[{index}]", q) for index, (_, q, _) in enumerate(this_run)]
-    for where, rate in rates:
-        if not _is_number(rate) or not math.isclose(rate, expected, rel_tol=1e-9, abs_tol=0.0):
-            problems.append(
-                Problem(
-                    "record-sample-rate-mismatch",
-                    f"client {name!r}: {where} has sample rate {rate!r}, but batch_size {federation.batch_size} / "
-                    f"{federation.sizes[name]} examples = {expected:.6g}",
-                )
+        rates += [(f"history[{index}]'s q", q) for index, (_, q, _) in enumerate(this_run)]
+    wrong = [
+        f"{where} = {rate!r}"
+        for where, rate in rates
+        if not _is_number(rate) or not math.isclose(rate, expected, rel_tol=1e-9, abs_tol=0.0)
+    ]
+    if wrong:
+        problems.append(
+            Problem(
+                "record-sample-rate-mismatch",
+                f"client {name!r}: {', '.join(wrong)}, but its sample rate is batch_size {federation.batch_size} / "
+                f"{size} examples = {expected:.6g}",
             )
+        )
 
 
 def _check_steps(
