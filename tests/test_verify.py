@@ -20,7 +20,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 from tiny import fed_args, tiny_bert, tiny_peft, toy_dataset
 
-from hf_fedlora import FederatedTrainer, FFALoraConfig
+from hf_fedlora import DeerConfig, FederatedTrainer, FFALoraConfig
 from hf_fedlora.cli import main
 from hf_fedlora.hub import CARD_NAME, FEDERATED_RECORD_NAME, format_epsilon, save_model_card
 from hf_fedlora.verify import (
@@ -418,20 +418,23 @@ def test_an_entry_for_a_client_outside_the_federation_fails(skewed_adapter, tmp_
     assert problem_names(folder) == {"record-client-unknown"}
 
 
-def test_more_steps_than_scheduled_are_noted_not_failed(skewed_adapter, tmp_path, capsys):
-    """A run resumed after a crash counts again the steps the crash cut short: more than the schedule, and the
-    epsilon re-derived from all of them only grows."""
+def test_a_crash_resumed_record_is_noted_not_failed(skewed_adapter, tmp_path, capsys):
+    """A run resumed after a crash counts again the steps the crash cut short (more than the schedule) and, under a
+    target, recalibrates the noise for the steps left (a second sigma): the epsilon re-derived from all of it only
+    grows, so the record passes, with notes. (test_reliability's SIGKILL runs write such records.)"""
     folder = copy_of(skewed_adapter, tmp_path)
 
-    def lost_round_counted(record):
+    def lost_round_counted_then_recalibrated(record):
         client = record["privacy"]["clients"]["client_1"]
-        client["history"][0][2] += 8
-        client["steps"] += 8
+        sigma, rate, steps = client["history"][0]
+        client["history"] = [[sigma, rate, steps], [1.25 * sigma, rate, 8]]
+        client.update(steps=steps + 8, noise_multiplier=1.25 * sigma)
 
-    restate(folder, lost_round_counted)
+    restate(folder, lost_round_counted_then_recalibrated)
     code, out = verify_cli(capsys, folder)
     assert code == 0, out
     assert "Note: Client 'client_1''s history has 24 steps, more than the 16 scheduled" in out
+    assert "Note: Client 'client_1''s history ran at σ = 1 before σ = 1.25" in out
 
 
 def test_a_partial_participation_record_without_a_schedule_checks_the_most_steps(partial_run, tmp_path, capsys):
@@ -448,6 +451,19 @@ def test_a_partial_participation_record_without_a_schedule_checks_the_most_steps
 
     restate(folder, beyond_every_round)
     assert problem_names(folder) == {"record-steps-off-schedule"}
+
+
+def test_a_deer_record_counts_two_sub_rounds_a_round(tmp_path):
+    """DEeR's deviation eliminator runs every round as two local passes (B, then A): twice the steps."""
+    args = fed_args(tmp_path / "run", num_rounds=2, local_steps=2, dp_noise_multiplier=1.0)
+    trainer = FederatedTrainer(tiny_peft(DeerConfig), args, train_dataset=toy_dataset(64))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    report = verify_adapter(tmp_path / "adapter")
+    assert report.ok, report.problems
+    assert report.notes == []  # not even more steps than scheduled
+    clients = json.loads((tmp_path / "adapter" / FEDERATED_RECORD_NAME).read_text())["privacy"]["clients"]
+    assert {client["steps"] for client in clients.values()} == {2 * 2 * 2}
 
 
 def with_schedule(folder: Path, schedule: dict, steps_per_round: dict, change=lambda record: None) -> None:
