@@ -437,6 +437,37 @@ def test_a_crash_resumed_record_is_noted_not_failed(skewed_adapter, tmp_path, ca
     assert "Note: Client 'client_1''s history ran at σ = 1 before σ = 1.25" in out
 
 
+class FailsInRoundTwo(FederatedTrainer):
+    """client_1 fails on its first local step of round 2: it runs 1 of that round's 2 steps (the failed one counts)."""
+
+    def local_round(self, name, round_index, sub_round, steps):
+        self._failing = (name, round_index) == ("client_1", 1)
+        return super().local_round(name, round_index, sub_round, steps)
+
+    def _local_step(self, data, indices, optimizer):
+        if self._failing:
+            raise RuntimeError("hospital network down")
+        return super()._local_step(data, indices, optimizer)
+
+
+def test_a_client_that_failed_inside_a_round_may_have_run_fewer_steps(tmp_path):
+    args = fed_args(tmp_path / "run", num_rounds=3, min_clients_per_round=1, dp_noise_multiplier=1.0)
+    trainer = FailsInRoundTwo(tiny_peft(FFALoraConfig), args, train_dataset=toy_dataset(64))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    record = json.loads((tmp_path / "adapter" / FEDERATED_RECORD_NAME).read_text())
+    assert record["failed_clients"] == {"2": ["client_1"]}
+    assert record["privacy"]["clients"]["client_1"]["steps"] == 3 * 2 - 1
+    assert verify_adapter(tmp_path / "adapter").ok
+
+    def three_fewer(record):  # one failed round cannot explain more than that round's steps
+        client = record["privacy"]["clients"]["client_1"]
+        client["history"][0][2] = client["steps"] = 3 * 2 - 3
+
+    restate(tmp_path / "adapter", three_fewer)
+    assert problem_names(tmp_path / "adapter") == {"record-steps-off-schedule"}
+
+
 def test_a_partial_participation_record_without_a_schedule_checks_the_most_steps(partial_run, tmp_path, capsys):
     adapter, _, _ = partial_run
     code, out = verify_cli(capsys, adapter)
