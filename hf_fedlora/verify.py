@@ -4,7 +4,9 @@ Whoever receives an adapter (a folder or a Hub repo) should not have to trust ou
 This reads `federated_training.json` and the model card (`README.md`) from the same place,
 recomputes every client's epsilon from its recorded (noise multiplier, sample rate, steps)
 history with Google's `dp_accounting` PLD accountant (training uses Opacus), and checks
-that the record is consistent, that the card prints what the record says, and that no
+that the record is consistent (under the example unit: every client of the federation has
+an entry, whose sample rate, steps and noise agree with the client sizes, the batch size and
+the schedule the record publishes), that the card prints what the record says, and that no
 claimed epsilon is below the independent one by more than a stated tolerance.
 """
 
@@ -75,6 +77,7 @@ class VerificationReport:
     card_claim: dict[str, Any] = field(default_factory=dict)  # epsilons, deltas, units, claims_dp, clients
     independent: dict[str, float] = field(default_factory=dict)  # client -> dp_accounting PLD epsilon
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what could not be checked, or was allowed and why
     guarantee: str = ""
     covers: list[str] = field(default_factory=list)
     not_covered: list[str] = field(default_factory=list)
@@ -172,7 +175,7 @@ def verify_adapter(
     report.private = privacy["private"]
     report.card_claim = _read_card(card_text)
     if report.private:
-        _verify_private(report, privacy)
+        _verify_private(report, record, privacy)
     else:
         _verify_non_private(report)
     _state_guarantee(report, record, privacy)
@@ -253,7 +256,7 @@ def _cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
-def _verify_private(report: VerificationReport, privacy: Mapping[str, Any]) -> None:
+def _verify_private(report: VerificationReport, record: Mapping[str, Any], privacy: Mapping[str, Any]) -> None:
     problems = report.problems
     unit, delta, epsilon = privacy.get("unit"), privacy.get("delta"), privacy.get("epsilon")
     report.record_claim = {
@@ -302,6 +305,8 @@ def _verify_private(report: VerificationReport, privacy: Mapping[str, Any]) -> N
                     f"client {name!r}: steps = {steps!r} but its history sums to {sum(n for _, _, n in history)}",
                 )
             )
+    if unit == "example":
+        _verify_federation(report, record, clients, histories)
     if len(histories) < len(clients):
         return
     client_epsilons = [clients[name]["epsilon"] for name in clients]
@@ -428,6 +433,344 @@ def _verify_card_against_private_record(
                         f"client {name!r}: the card shows {key} {row.get(key)!r}, the record {recorded!r}",
                     )
                 )
+
+
+# ----------------------------------------------------------------------------------------
+# The privacy entries against the federation the record describes (example unit)
+# ----------------------------------------------------------------------------------------
+@dataclass
+class _Federation:
+    """What the rest of the record says about the run: who took part, with how many examples, for how many steps."""
+
+    sizes: dict[str, int]  # client -> examples
+    batch_size: int  # the logical (expected Poisson) batch: q = batch_size / n
+    rounds: int
+    sub_rounds: int  # local passes per round (DEeR's deviation eliminator: two)
+    steps_per_round: dict[str, int]  # client -> local steps per (sub-)round
+    participation: dict[str, int] | None  # client -> rounds it took part in; None: not recorded
+    scheduled_names: set[str]  # every client a recorded schedule names
+    failed_rounds: dict[str, int]  # client -> rounds in which it failed (and may have run fewer steps)
+    composed: bool  # every history starts with an earlier run's entries
+
+
+def _verify_federation(
+    report: VerificationReport,
+    record: Mapping[str, Any],
+    clients: Mapping[str, Any],
+    histories: Mapping[str, list[tuple[float, float, int]]],
+) -> None:
+    """Example unit: every client of the federation has a privacy entry, and each entry agrees with the federation.
+
+    A record that leaves out its worst client, or whose history was rescaled, can be consistent with its own
+    epsilons and its card; it still contradicts the client sizes, the batch size and the schedule it publishes.
+    """
+    problems = report.problems
+    federation = _read_federation(record, problems, report.notes)
+    if federation is None:
+        return
+    for name in sorted((set(federation.sizes) | federation.scheduled_names) - set(clients)):
+        problems.append(
+            Problem(
+                "record-client-missing",
+                f"client {name!r} is part of the federation (client_sizes or schedule) but has no entry in "
+                "privacy.clients: its epsilon, possibly the largest, is not accounted",
+            )
+        )
+    if not federation.composed:  # a composed earlier run's clients keep their entries without being in this run
+        for name in sorted(set(clients) - set(federation.sizes)):
+            problems.append(
+                Problem(
+                    "record-client-unknown",
+                    f"privacy.clients has an entry for {name!r}, which client_sizes does not list (and the run "
+                    "continued no earlier run whose clients it could be)",
+                )
+            )
+    for name, size in federation.sizes.items():
+        client, history = clients.get(name), histories.get(name)
+        if not isinstance(client, Mapping) or history is None:
+            continue  # missing (reported above) or malformed (reported by the caller)
+        if client.get("num_examples") != size:
+            problems.append(
+                Problem(
+                    "record-size-mismatch",
+                    f"client {name!r}: privacy.clients says {client.get('num_examples')!r} examples, client_sizes "
+                    f"says {size}",
+                )
+            )
+        scheduled = _scheduled_steps(federation, name)
+        # The entries this run added: a fresh run's whole history; after an earlier run, the last entry if this
+        # run gave the client steps (the earlier entries may have run at another batch size or noise).
+        if not federation.composed:
+            this_run = history
+        else:
+            this_run = history[-1:] if scheduled else []
+        _check_sample_rate(problems, name, client, this_run, federation)
+        _check_steps(report, name, history, scheduled, federation)
+        _check_noise_multiplier(report, name, client, this_run, federation.composed)
+
+
+def _read_federation(record: Mapping[str, Any], problems: list[Problem], notes: list[str]) -> _Federation | None:
+    """The federation's facts from the record, or None (with a problem) where they are missing or malformed."""
+    sizes = record.get("client_sizes")
+    if not isinstance(sizes, Mapping) or not sizes or not all(_is_int(n) and n > 0 for n in sizes.values()):
+        problems.append(
+            Problem(
+                "record-malformed",
+                f"client_sizes must give every client's number of examples (> 0), got {sizes!r}: without it nobody "
+                "can check that every client of the federation has a privacy entry",
+            )
+        )
+        return None
+    numbers = {key: record.get(key) for key in ("num_clients", "clients_per_round", "rounds", "batch_size")}
+    wrong = [
+        f"{key} = {value!r}"
+        for key, value in numbers.items()
+        if not _is_int(value) or value < (0 if key == "rounds" else 1)
+    ]
+    local_steps, local_epochs, method = record.get("local_steps"), record.get("local_epochs"), record.get("method")
+    if local_steps is not None and not (_is_int(local_steps) and local_steps >= 1):
+        wrong.append(f"local_steps = {local_steps!r}")
+    if local_epochs is not None and not (_is_number(local_epochs) and local_epochs > 0):
+        wrong.append(f"local_epochs = {local_epochs!r}")
+    if not isinstance(method, Mapping) or not isinstance(method.get("method"), str):
+        wrong.append(f"method = {method!r}")
+    if not wrong and numbers["clients_per_round"] > numbers["num_clients"]:
+        wrong.append(f"clients_per_round = {numbers['clients_per_round']} > num_clients = {numbers['num_clients']}")
+    if wrong:
+        problems.append(
+            Problem(
+                "record-malformed",
+                "the federation's "
+                + ", ".join(wrong)
+                + ": num_clients, clients_per_round and batch_size must be integers >= 1, rounds >= 0, local_steps an "
+                "integer >= 1 or null, local_epochs a number > 0 or null, method an object naming the method; "
+                "without them nobody can check the privacy entries against the run",
+            )
+        )
+        return None
+    sizes = {str(name): int(n) for name, n in sizes.items()}
+    num_clients, per_round, rounds = numbers["num_clients"], numbers["clients_per_round"], numbers["rounds"]
+    if num_clients != len(sizes):
+        problems.append(
+            Problem(
+                "record-client-missing" if num_clients > len(sizes) else "record-client-unknown",
+                f"num_clients = {num_clients} but client_sizes lists {len(sizes)} clients",
+            )
+        )
+    continued = record.get("continued_from")
+    federation = _Federation(
+        sizes=sizes,
+        batch_size=numbers["batch_size"],
+        rounds=rounds,
+        sub_rounds=2 if method["method"] == "deer" and method.get("deviation_eliminator") is True else 1,
+        steps_per_round=_steps_per_round(record, sizes, numbers["batch_size"], problems),
+        participation=None,
+        scheduled_names=set(),
+        failed_rounds=_failed_rounds(record, rounds),
+        composed=isinstance(continued, Mapping) and not continued.get("new_privacy_budget"),
+    )
+    schedule = record.get("schedule")
+    if schedule is not None:
+        _read_schedule(federation, schedule, per_round, problems)
+    elif per_round >= num_clients:
+        federation.participation = dict.fromkeys(sizes, rounds)  # every client in every round
+    else:
+        notes.append(
+            f"The record does not say which clients took part in which round ({per_round} of {num_clients} per "
+            "round): each client's steps were only checked against the most it could have run."
+        )
+    return federation
+
+
+def _steps_per_round(
+    record: Mapping[str, Any], sizes: Mapping[str, int], batch_size: int, problems: list[Problem]
+) -> dict[str, int]:
+    """Each client's local steps per (sub-)round, as the trainer derives them; a recorded value must agree."""
+    local_steps, local_epochs = record.get("local_steps"), record.get("local_epochs")
+    expected, how = {}, {}
+    for name, size in sizes.items():
+        if local_steps is not None:
+            expected[name], how[name] = local_steps, f"local_steps = {local_steps}"
+        else:
+            epochs = local_epochs if local_epochs is not None else 1.0
+            expected[name] = max(1, math.ceil(epochs * size / batch_size))
+            how[name] = f"max(1, ceil(local_epochs {epochs:g} x {size} examples / batch {batch_size}))"
+    recorded = record.get("steps_per_round")
+    if recorded is None:
+        return expected
+    if not isinstance(recorded, Mapping):
+        problems.append(Problem("record-malformed", f"steps_per_round must map clients to steps, got {recorded!r}"))
+        return expected
+    for name, steps in expected.items():
+        if recorded.get(name) != steps:
+            problems.append(
+                Problem(
+                    "record-steps-off-schedule",
+                    f"client {name!r}: steps_per_round says {recorded.get(name)!r} local steps per (sub-)round; "
+                    f"{how[name]} gives {steps}",
+                )
+            )
+    return expected
+
+
+def _read_schedule(federation: _Federation, schedule: Any, per_round: int, problems: list[Problem]) -> None:
+    """Participants per round ({"1": [names], ...}): known clients, clients_per_round of them, every round run."""
+    if not isinstance(schedule, Mapping):
+        problems.append(Problem("record-malformed", f"schedule must map rounds to participants, got {schedule!r}"))
+        return
+    participation = dict.fromkeys(federation.sizes, 0)
+    for round_number in range(1, federation.rounds + 1):  # rounds planned but not run (training stopped) don't count
+        names = schedule.get(str(round_number))
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            problems.append(
+                Problem("record-schedule-mismatch", f"schedule has no list of participants for round {round_number}")
+            )
+            continue
+        federation.scheduled_names.update(names)
+        unknown = sorted(set(names) - set(federation.sizes))
+        if unknown:
+            problems.append(
+                Problem(
+                    "record-schedule-mismatch",
+                    f"round {round_number}: the schedule names {unknown}, which client_sizes does not list",
+                )
+            )
+        if len(set(names)) != len(names) or len(names) != per_round:
+            problems.append(
+                Problem(
+                    "record-schedule-mismatch",
+                    f"round {round_number}: the schedule lists {names}, not {per_round} distinct clients "
+                    f"(clients_per_round = {per_round})",
+                )
+            )
+        for name in set(names) & set(participation):
+            participation[name] += 1
+    federation.participation = participation
+
+
+def _failed_rounds(record: Mapping[str, Any], rounds: int) -> dict[str, int]:
+    """Rounds in which a client failed part-way (the trainer's failed_clients, a Flower round's failed_clients)."""
+    failed: set[tuple[int, str]] = set()
+    listed = record.get("failed_clients")
+    if isinstance(listed, Mapping):
+        for round_number, names in listed.items():
+            if str(round_number).isdigit() and isinstance(names, list):
+                failed.update((int(round_number), str(name)) for name in names)
+    for entry in record.get("round_history") or []:
+        if isinstance(entry, Mapping) and _is_int(entry.get("round")) and isinstance(entry.get("failed_clients"), list):
+            failed.update((entry["round"], str(name)) for name in entry["failed_clients"])
+    counts: dict[str, int] = {}
+    for round_number, name in failed:
+        if 1 <= round_number <= rounds:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _scheduled_steps(federation: _Federation, name: str) -> int | None:
+    """DP-SGD steps the schedule gives a client in this run; None when the schedule was not recorded."""
+    if federation.participation is None:
+        return None
+    return federation.participation.get(name, 0) * federation.steps_per_round[name] * federation.sub_rounds
+
+
+def _check_sample_rate(
+    problems: list[Problem],
+    name: str,
+    client: Mapping[str, Any],
+    this_run: Sequence[tuple[float, float, int]],
+    federation: _Federation,
+) -> None:
+    """q = batch_size / n: the record's sample rate and every history entry of this run."""
+    size = federation.sizes[name]
+    expected = federation.batch_size / size
+    rates = [("sample_rate", client.get("sample_rate"))]
+    if federation.composed:
+        rates += [("the last history entry's q", q) for _, q, _ in this_run]
+    else:
+        rates += [(f"history[{index}]'s q", q) for index, (_, q, _) in enumerate(this_run)]
+    wrong = [
+        f"{where} = {rate!r}"
+        for where, rate in rates
+        if not _is_number(rate) or not math.isclose(rate, expected, rel_tol=1e-9, abs_tol=0.0)
+    ]
+    if wrong:
+        problems.append(
+            Problem(
+                "record-sample-rate-mismatch",
+                f"client {name!r}: {', '.join(wrong)}, but its sample rate is batch_size {federation.batch_size} / "
+                f"{size} examples = {expected:.6g}",
+            )
+        )
+
+
+def _check_steps(
+    report: VerificationReport,
+    name: str,
+    history: Sequence[tuple[float, float, int]],
+    scheduled: int | None,
+    federation: _Federation,
+) -> None:
+    """The steps in the history against those the schedule gave the client (rounds x steps x sub-rounds)."""
+    total = sum(n for _, _, n in history)
+    per_round = federation.steps_per_round[name] * federation.sub_rounds
+    how = f"{federation.steps_per_round[name]} local steps x {federation.sub_rounds} (sub-)round(s)"
+    if scheduled is None:  # who took part was not recorded: at most every round
+        most = federation.rounds * per_round
+        if not federation.composed and total > most:
+            report.problems.append(
+                Problem(
+                    "record-steps-off-schedule",
+                    f"client {name!r}: its history has {total} steps, more than {federation.rounds} rounds x {how} "
+                    f"= {most}",
+                )
+            )
+        return
+    failed = federation.failed_rounds.get(name, 0)
+    least = scheduled - failed * per_round  # a client that failed inside a round ran only part of it
+    rounds = (federation.participation or {}).get(name, 0)
+    said = f"{rounds} scheduled round(s) x {how} = {scheduled}" + (
+        f", less up to {failed * per_round} for the {failed} round(s) it failed in" if failed else ""
+    )
+    if total < least:
+        earlier = ", including an earlier run's steps," if federation.composed else ""
+        report.problems.append(
+            Problem(
+                "record-steps-off-schedule",
+                f"client {name!r}: its history{earlier} has {total} steps, fewer than the schedule gives it ({said})",
+            )
+        )
+    elif total > scheduled and not federation.composed:
+        report.notes.append(
+            f"Client {name!r}'s history has {total} steps, more than the {scheduled} scheduled ({said}): a run resumed "
+            "after a crash counts again the steps the crash cut short. Its ε is re-derived from all of them."
+        )
+
+
+def _check_noise_multiplier(
+    report: VerificationReport,
+    name: str,
+    client: Mapping[str, Any],
+    this_run: Sequence[tuple[float, float, int]],
+    composed: bool,
+) -> None:
+    """The noise multiplier the record (and the card's table) shows is the one the history's last steps ran at."""
+    if not this_run:
+        return  # no step in this run: the recorded noise multiplier was never used
+    shown, last = client.get("noise_multiplier"), this_run[-1][0]
+    if not _is_number(shown) or not math.isclose(shown, last, rel_tol=1e-9, abs_tol=0.0):
+        report.problems.append(
+            Problem(
+                "record-noise-mismatch",
+                f"client {name!r}: noise_multiplier (the card's σ) is {shown!r}, but its history's "
+                f"{'last ' if len(this_run) > 1 or composed else ''}steps ran at σ = {last}",
+            )
+        )
+    earlier = sorted({sigma for sigma, _, _ in this_run[:-1]} - {last})
+    if earlier:
+        report.notes.append(
+            f"Client {name!r}'s history ran at σ = {', '.join(f'{s:g}' for s in earlier)} before σ = {last:g}: a run "
+            "resumed after a crash recalibrates the noise for the steps left. Its ε is re-derived from every entry."
+        )
 
 
 def _verify_non_private(report: VerificationReport) -> None:
@@ -558,8 +901,7 @@ def format_report(report: VerificationReport) -> str:
     if report.independent:
         lines.append(
             f"Independent accountant: Google dp_accounting, PLD (add-or-remove-one, Poisson-subsampled Gaussian, "
-            f"discretisation {PLD_DISCRETIZATION:g}). Tolerance: a claimed ε may be below the independent ε by at "
-            f"most max({report.tolerance:g}, {report.relative_tolerance:.0%} of it)."
+            f"discretisation {PLD_DISCRETIZATION:g}). Tolerance: {_tolerance_text(report)}."
         )
         lines.append(f"  {'client':<16} {'record ε':>10} {'card ε':>8} {'independent ε':>14}")
         table = card.get("clients") or {}
@@ -569,10 +911,12 @@ def format_report(report: VerificationReport) -> str:
             claimed = f"{claimed:.4f}" if _is_number(claimed) else "-"
             shown = (table.get(name) or {}).get("epsilon", "-")
             lines.append(f"  {name:<16} {claimed:>10} {shown:>8} {value:>14.4f}")
+    lines += [f"Note: {note}" for note in report.notes]
+    tolerance = f" (tolerance: {_tolerance_text(report)})" if report.private else ""
     if report.ok:
-        lines.append("RESULT: OK, every check passed (exit code 0).")
+        lines.append(f"RESULT: OK, every check passed{tolerance} (exit code 0).")
     else:
-        lines.append(f"RESULT: FAILED, {len(report.problems)} problem(s) (exit code {EXIT_MISMATCH}):")
+        lines.append(f"RESULT: FAILED, {len(report.problems)} problem(s){tolerance} (exit code {EXIT_MISMATCH}):")
         lines += [f"  - [{p.name}] {p.detail}" for p in report.problems]
     lines += ["", "What the guarantee covers:" if report.private else "Guarantee:", f"  {report.guarantee}"]
     lines += [f"  - {item}" for item in report.covers]
@@ -580,6 +924,14 @@ def format_report(report: VerificationReport) -> str:
         lines.append("What it does not cover:")
         lines += [f"  - {item}" for item in report.not_covered]
     return "\n".join(lines)
+
+
+def _tolerance_text(report: VerificationReport) -> str:
+    """How far a claimed ε may sit below the independent one, said in the accountant's line and in the verdict."""
+    return (
+        f"a claimed ε may sit below the independent PLD ε by at most max({report.tolerance:g}, "
+        f"{report.relative_tolerance * 100:g}% of it)"
+    )
 
 
 def format_report_json(report: VerificationReport) -> str:
@@ -616,6 +968,10 @@ def _claimed_pairs(card: Mapping[str, Any]) -> list[str]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _card_number(text: str | None) -> float | None:

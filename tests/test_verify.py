@@ -20,9 +20,9 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 from tiny import fed_args, tiny_bert, tiny_peft, toy_dataset
 
-from hf_fedlora import FederatedTrainer, FFALoraConfig
+from hf_fedlora import DeerConfig, FederatedTrainer, FFALoraConfig
 from hf_fedlora.cli import main
-from hf_fedlora.hub import CARD_NAME, FEDERATED_RECORD_NAME, format_epsilon
+from hf_fedlora.hub import CARD_NAME, FEDERATED_RECORD_NAME, format_epsilon, save_model_card
 from hf_fedlora.verify import (
     DEFAULT_RELATIVE_TOLERANCE,
     DEFAULT_TOLERANCE,
@@ -54,6 +54,47 @@ def non_private_adapter(tmp_path_factory) -> Path:
     return root / "adapter"
 
 
+SKEWED = {"client_0": 16, "client_1": 64, "client_2": 48}  # one local epoch at batch 8: 2, 8 and 6 steps a round
+
+
+def skewed_clients() -> dict:
+    return {name: toy_dataset(size, seed=index) for index, (name, size) in enumerate(SKEWED.items())}
+
+
+@pytest.fixture(scope="module")
+def skewed_adapter(tmp_path_factory) -> Path:
+    """Three clients of unequal size at one noise multiplier, every client in every round: the smallest
+    (q = 8/16) spends the most. A record without `schedule`, as every record written so far."""
+    root = tmp_path_factory.mktemp("skewed")
+    args = fed_args(root / "run", num_clients=3, local_steps=None, local_epochs=1.0, dp_noise_multiplier=1.0)
+    trainer = FederatedTrainer(tiny_peft(FFALoraConfig), args, train_dataset=skewed_clients())
+    trainer.train()
+    trainer.save_model(str(root / "adapter"))
+    return root / "adapter"
+
+
+@pytest.fixture(scope="module")
+def partial_run(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """2 of 3 clients a round for 3 rounds; also the schedule and the local steps the trainer ran, in the form
+    the record's `schedule` ({"1": [names]}) and `steps_per_round` take."""
+    root = tmp_path_factory.mktemp("partial")
+    args = fed_args(
+        root / "run",
+        num_clients=3,
+        clients_per_round=2,
+        num_rounds=3,
+        local_steps=None,
+        local_epochs=1.0,
+        dp_noise_multiplier=1.0,
+    )
+    trainer = FederatedTrainer(tiny_peft(FFALoraConfig), args, train_dataset=skewed_clients())
+    trainer.train()
+    trainer.save_model(str(root / "adapter"))
+    schedule = {str(index + 1): names for index, names in trainer._schedule.items()}
+    steps_per_round = {name: trainer.local_steps_for(size) for name, size in SKEWED.items()}
+    return root / "adapter", schedule, steps_per_round
+
+
 def copy_of(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / "adapter"))
 
@@ -71,6 +112,32 @@ def edit_card(folder: Path, old: str, new: str) -> None:
     text = path.read_text(encoding="utf-8")
     assert old in text, old
     path.write_text(text.replace(old, new), encoding="utf-8")
+
+
+def restate(folder: Path, change) -> dict:
+    """Edit the record as a forger who knows the accountant would: change it, then make every client's epsilon the
+    independent PLD value of its (changed) history, the run's epsilon their largest, and write the card anew from
+    the record. Only the checks of the record against the federation it describes are left to catch the change."""
+    path = folder / FEDERATED_RECORD_NAME
+    record = json.loads(path.read_text())
+    change(record)
+    privacy = record["privacy"]
+    for client in privacy["clients"].values():
+        client["epsilon"] = independent_epsilon(client["history"], privacy["delta"])
+    privacy["epsilon"] = max(client["epsilon"] for client in privacy["clients"].values())
+    path.write_text(json.dumps(record))
+    save_model_card(folder, record)
+    return record
+
+
+def verdict(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("RESULT: "))
+
+
+TOLERANCE_STATED = (
+    f"(tolerance: a claimed ε may sit below the independent PLD ε by at most max({DEFAULT_TOLERANCE:g}, "
+    f"{DEFAULT_RELATIVE_TOLERANCE:.0%} of it))"
+)
 
 
 def verify_cli(capsys, *args: str) -> tuple[int, str]:
@@ -243,6 +310,14 @@ def test_continued_adapter_verifies_with_the_earlier_runs_history_composed_in(dp
     assert report.independent["client_0"] > independent_epsilon(history[1:], 1e-5)  # the earlier spend counts
     assert any("continued an earlier run" in line for line in report.covers)
 
+    def quarter_this_run(record):  # the earlier run's entry may have another rate; this run's may not
+        client = record["privacy"]["clients"]["client_0"]
+        client["sample_rate"] /= 4
+        client["history"][-1][1] /= 4
+
+    restate(tmp_path / "continued", quarter_this_run)
+    assert problem_names(tmp_path / "continued") == {"record-sample-rate-mismatch"}
+
 
 def test_a_new_privacy_budget_on_a_continued_adapter_is_stated_as_not_covered(dp_adapter, tmp_path):
     folder = copy_of(dp_adapter, tmp_path)
@@ -250,6 +325,232 @@ def test_a_new_privacy_budget_on_a_continued_adapter_is_stated_as_not_covered(dp
     report = verify_adapter(folder)
     assert report.ok
     assert "what that training spent is NOT in ε" in report.not_covered[0]
+
+
+# ----------------------------------------------------------------------------------------
+# A record that contradicts the federation it describes fails, even when its epsilons and card agree
+# ----------------------------------------------------------------------------------------
+def test_an_untampered_record_passes_and_the_verdict_states_the_tolerance(skewed_adapter, tmp_path, capsys):
+    code, out = verify_cli(capsys, skewed_adapter)
+    assert code == 0, out
+    assert verdict(out) == f"RESULT: OK, every check passed {TOLERANCE_STATED} (exit code 0)."
+    assert "Note:" not in out  # every client took part in every round: nothing left unchecked
+
+    folder = copy_of(skewed_adapter, tmp_path)
+    restate(folder, lambda record: None)  # the forger's tool changes nothing by itself
+    assert verify_adapter(folder).ok
+
+
+def test_a_record_without_its_worst_clients_entry_fails(skewed_adapter, tmp_path, capsys):
+    folder = copy_of(skewed_adapter, tmp_path)
+    before = json.loads((folder / FEDERATED_RECORD_NAME).read_text())
+    clients = before["privacy"]["clients"]
+    worst = max(clients, key=lambda name: clients[name]["epsilon"])
+    assert worst == "client_0"
+    after = restate(folder, lambda record: record["privacy"]["clients"].pop(worst))
+    assert worst in after["client_sizes"]
+    assert after["privacy"]["epsilon"] < before["privacy"]["epsilon"] - 1  # the claim dropped, consistently
+
+    code, out = verify_cli(capsys, folder)
+    assert code == 1, out
+    assert f"[record-client-missing] client {worst!r}" in out
+    assert verdict(out) == f"RESULT: FAILED, 1 problem(s) {TOLERANCE_STATED} (exit code 1):"
+    assert problem_names(folder) == {"record-client-missing"}
+
+
+def test_a_quartered_sample_rate_fails(skewed_adapter, tmp_path, capsys):
+    folder = copy_of(skewed_adapter, tmp_path)
+
+    def quarter(record):
+        client = record["privacy"]["clients"]["client_2"]
+        client["sample_rate"] /= 4
+        for entry in client["history"]:
+            entry[1] /= 4
+
+    before = json.loads((folder / FEDERATED_RECORD_NAME).read_text())["privacy"]["clients"]["client_2"]["epsilon"]
+    after = restate(folder, quarter)["privacy"]["clients"]["client_2"]["epsilon"]
+    assert after < before / 2
+    code, out = verify_cli(capsys, folder)
+    assert code == 1, out
+    assert "[record-sample-rate-mismatch] client 'client_2'" in out and "batch_size 8 / 48 examples" in out
+    assert problem_names(folder) == {"record-sample-rate-mismatch"}
+
+
+def test_steps_divided_by_three_fail(skewed_adapter, tmp_path, capsys):
+    folder = copy_of(skewed_adapter, tmp_path)
+
+    def a_third(record):
+        client = record["privacy"]["clients"]["client_2"]
+        assert client["steps"] == 2 * 6  # 2 rounds x ceil(48 / 8) local steps
+        client["steps"] //= 3
+        for entry in client["history"]:
+            entry[2] //= 3
+
+    restate(folder, a_third)
+    code, out = verify_cli(capsys, folder)
+    assert code == 1, out
+    assert "[record-steps-off-schedule] client 'client_2'" in out and "has 4 steps" in out and "= 12" in out
+    assert problem_names(folder) == {"record-steps-off-schedule"}
+
+
+def test_a_noise_multiplier_differing_from_the_history_fails(skewed_adapter, tmp_path, capsys):
+    """The card's table shows the record's noise multiplier; the history the epsilon comes from ran at another."""
+    folder = copy_of(skewed_adapter, tmp_path)
+    restate(folder, lambda record: record["privacy"]["clients"]["client_0"].update(noise_multiplier=2.0))
+    assert "| client_0 | 16 | 2 " in (folder / CARD_NAME).read_text(encoding="utf-8")
+    code, out = verify_cli(capsys, folder)
+    assert code == 1, out
+    assert "[record-noise-mismatch] client 'client_0'" in out and "ran at σ = 1.0" in out
+    assert problem_names(folder) == {"record-noise-mismatch"}
+
+
+def test_an_entry_with_another_size_than_client_sizes_fails(skewed_adapter, tmp_path):
+    folder = copy_of(skewed_adapter, tmp_path)
+    restate(folder, lambda record: record["privacy"]["clients"]["client_0"].update(num_examples=64))
+    assert problem_names(folder) == {"record-size-mismatch"}
+
+
+def test_an_entry_for_a_client_outside_the_federation_fails(skewed_adapter, tmp_path):
+    folder = copy_of(skewed_adapter, tmp_path)
+    restate(folder, lambda record: record["client_sizes"].pop("client_1"))
+    assert problem_names(folder) == {"record-client-unknown", "record-client-missing"}  # num_clients still 3
+    restate(folder, lambda record: record.update(num_clients=2, clients_per_round=2))
+    assert problem_names(folder) == {"record-client-unknown"}
+
+
+def test_a_crash_resumed_record_is_noted_not_failed(skewed_adapter, tmp_path, capsys):
+    """A run resumed after a crash counts again the steps the crash cut short (more than the schedule) and, under a
+    target, recalibrates the noise for the steps left (a second sigma): the epsilon re-derived from all of it only
+    grows, so the record passes, with notes. (test_reliability's SIGKILL runs write such records.)"""
+    folder = copy_of(skewed_adapter, tmp_path)
+
+    def lost_round_counted_then_recalibrated(record):
+        client = record["privacy"]["clients"]["client_1"]
+        sigma, rate, steps = client["history"][0]
+        client["history"] = [[sigma, rate, steps], [1.25 * sigma, rate, 8]]
+        client.update(steps=steps + 8, noise_multiplier=1.25 * sigma)
+
+    restate(folder, lost_round_counted_then_recalibrated)
+    code, out = verify_cli(capsys, folder)
+    assert code == 0, out
+    assert "Note: Client 'client_1''s history has 24 steps, more than the 16 scheduled" in out
+    assert "Note: Client 'client_1''s history ran at σ = 1 before σ = 1.25" in out
+
+
+class FailsInRoundTwo(FederatedTrainer):
+    """client_1 fails on its first local step of round 2: it runs 1 of that round's 2 steps (the failed one counts)."""
+
+    def local_round(self, name, round_index, sub_round, steps):
+        self._failing = (name, round_index) == ("client_1", 1)
+        return super().local_round(name, round_index, sub_round, steps)
+
+    def _local_step(self, data, indices, optimizer):
+        if self._failing:
+            raise RuntimeError("hospital network down")
+        return super()._local_step(data, indices, optimizer)
+
+
+def test_a_client_that_failed_inside_a_round_may_have_run_fewer_steps(tmp_path):
+    args = fed_args(tmp_path / "run", num_rounds=3, min_clients_per_round=1, dp_noise_multiplier=1.0)
+    trainer = FailsInRoundTwo(tiny_peft(FFALoraConfig), args, train_dataset=toy_dataset(64))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    record = json.loads((tmp_path / "adapter" / FEDERATED_RECORD_NAME).read_text())
+    assert record["failed_clients"] == {"2": ["client_1"]}
+    assert record["privacy"]["clients"]["client_1"]["steps"] == 3 * 2 - 1
+    assert verify_adapter(tmp_path / "adapter").ok
+
+    def three_fewer(record):  # one failed round cannot explain more than that round's steps
+        client = record["privacy"]["clients"]["client_1"]
+        client["history"][0][2] = client["steps"] = 3 * 2 - 3
+
+    restate(tmp_path / "adapter", three_fewer)
+    assert problem_names(tmp_path / "adapter") == {"record-steps-off-schedule"}
+
+
+def test_a_partial_participation_record_without_a_schedule_checks_the_most_steps(partial_run, tmp_path, capsys):
+    adapter, _, _ = partial_run
+    code, out = verify_cli(capsys, adapter)
+    assert code == 0, out
+    assert "Note: The record does not say which clients took part in which round (2 of 3 per round)" in out
+
+    folder = copy_of(adapter, tmp_path)
+
+    def beyond_every_round(record):
+        client = record["privacy"]["clients"]["client_1"]
+        client["history"][0][2] = client["steps"] = 3 * 8 + 1
+
+    restate(folder, beyond_every_round)
+    assert problem_names(folder) == {"record-steps-off-schedule"}
+
+
+def test_a_deer_record_counts_two_sub_rounds_a_round(tmp_path):
+    """DEeR's deviation eliminator runs every round as two local passes (B, then A): twice the steps."""
+    args = fed_args(tmp_path / "run", num_rounds=2, local_steps=2, dp_noise_multiplier=1.0)
+    trainer = FederatedTrainer(tiny_peft(DeerConfig), args, train_dataset=toy_dataset(64))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    report = verify_adapter(tmp_path / "adapter")
+    assert report.ok, report.problems
+    assert report.notes == []  # not even more steps than scheduled
+    clients = json.loads((tmp_path / "adapter" / FEDERATED_RECORD_NAME).read_text())["privacy"]["clients"]
+    assert {client["steps"] for client in clients.values()} == {2 * 2 * 2}
+
+
+def with_schedule(folder: Path, schedule: dict, steps_per_round: dict, change=lambda record: None) -> None:
+    def add(record):
+        record.update(schedule=json.loads(json.dumps(schedule)), steps_per_round=dict(steps_per_round))
+        change(record)
+
+    restate(folder, add)
+
+
+def test_a_recorded_schedule_is_checked(partial_run, tmp_path):
+    adapter, schedule, steps_per_round = partial_run
+    rounds_of = {name: sum(name in names for names in schedule.values()) for name in SKEWED}
+    folder = copy_of(adapter, tmp_path)
+    with_schedule(folder, schedule, steps_per_round)
+    report = verify_adapter(folder)
+    assert report.ok, report.problems
+    assert report.notes == []  # with the schedule every client's steps are checked exactly
+
+    def halve(record, name):
+        client = record["privacy"]["clients"][name]
+        client["steps"] //= 2
+        for entry in client["history"]:
+            entry[2] //= 2
+
+    took_part_twice = next(name for name, rounds in rounds_of.items() if rounds == 2)
+    folder = copy_of(adapter, tmp_path / "fewer")
+    with_schedule(folder, schedule, steps_per_round, lambda record: halve(record, took_part_twice))
+    assert problem_names(folder) == {"record-steps-off-schedule"}
+
+    def left_out_of_its_last_round(record):  # the halved steps now fit the schedule, whose round lacks a client
+        last = max(number for number, names in record["schedule"].items() if took_part_twice in names)
+        record["schedule"][last].remove(took_part_twice)
+        halve(record, took_part_twice)
+
+    folder = copy_of(adapter, tmp_path / "short_round")
+    with_schedule(folder, schedule, steps_per_round, left_out_of_its_last_round)
+    assert problem_names(folder) == {"record-schedule-mismatch"}
+
+
+def test_steps_per_round_that_contradict_the_local_epochs_fail(partial_run, tmp_path):
+    adapter, schedule, steps_per_round = partial_run
+    assert steps_per_round == {"client_0": 2, "client_1": 8, "client_2": 6}
+    folder = copy_of(adapter, tmp_path)
+
+    def a_third(record):
+        record["steps_per_round"]["client_2"] = 2
+        client = record["privacy"]["clients"]["client_2"]
+        client["steps"] //= 3
+        for entry in client["history"]:
+            entry[2] //= 3
+
+    with_schedule(folder, schedule, steps_per_round, a_third)
+    report = verify_adapter(folder)
+    assert {p.name for p in report.problems} == {"record-steps-off-schedule"}
+    assert any("max(1, ceil(local_epochs 1 x 48 examples / batch 8)) gives 6" in p.detail for p in report.problems)
 
 
 # ----------------------------------------------------------------------------------------
