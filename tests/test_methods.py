@@ -25,8 +25,8 @@ from hf_fedlora.comparison import (
     method_names,
     recipe_settings,
 )
-from hf_fedlora.federation.adapter_state import payload_nbytes
-from hf_fedlora.methods import DefaultLearningRate, register_method, unregister_method
+from hf_fedlora.federation.adapter_state import adapter_parameters, payload_nbytes
+from hf_fedlora.methods import CONFIG_CLASSES, DefaultLearningRate, register_method, unregister_method
 
 
 class RecordingTrainer(FederatedTrainer):
@@ -406,6 +406,26 @@ def test_missing_target_module_fails_with_its_name():
     # With a task head (modules_to_save), PEFT's message (not ours) points at the option instead of the name.
     with pytest.raises(ValueError, match="target_modules"):
         get_peft_model(tiny_bert(), FFALoraConfig(r=4, target_modules=["nope"], task_type="SEQ_CLS"))
+
+
+@pytest.mark.parametrize("config_cls", CONFIG_CLASSES, ids=[c.method_class.name for c in CONFIG_CLASSES])
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_config_refuses_trainable_biases(config_cls, bias):
+    """PEFT's bias='lora_only'/'all' would unfreeze biases that no method trains, sends or averages."""
+    with pytest.raises(ValueError, match=f"bias={bias!r} is not supported.*bias='none'"):
+        config_cls(r=4, target_modules=["query"], bias=bias)
+
+
+def test_biases_peft_unfreezes_are_outside_the_federated_adapter_state():
+    """Why the refusal above: with a plain LoraConfig(bias='lora_only') PEFT makes the adapted layers' biases
+    trainable, but the adapter state a client trains, sends and receives holds only the LoRA factors and the head."""
+    config = LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS", bias="lora_only")
+    model = get_peft_model(tiny_bert(), config)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    biases = {name for name in trainable if name.endswith("query.base_layer.bias")}
+    assert len(biases) == 2  # one per layer of the tiny BERT
+    assert not biases & set(adapter_parameters(model))
+    assert trainable - biases == set(adapter_parameters(model))
 
 
 # --------------------------------------------------------------------------------------

@@ -69,6 +69,13 @@ class FedLoraConfig(LoraConfig):
                 "use_dora=True is not supported for federated training: DoRA's magnitude vector is neither a LoRA "
                 "factor nor a task head, so no method would train, send or average it. Use use_dora=False."
             )
+        if self.bias != "none":
+            raise ValueError(
+                f"bias={self.bias!r} is not supported for federated training: the federated adapter state holds the "
+                "LoRA factors and the task head only, so the biases PEFT would unfreeze would never be trained, sent "
+                "or averaged (and under DP the first step fails on their per-example gradients). Use bias='none'; "
+                "to train a whole module, bias included, list it in modules_to_save."
+            )
         if self.init_lora_weights not in (True, "gaussian"):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported for federated training: "
