@@ -2,7 +2,8 @@
 
 Covers FFA-LoRA (A frozen at its shared seeded init, only B trains and is sent) against the
 DP-LoRA / FedIT baseline (`FedLoraConfig`: A and B train and are averaged separately), as
-specified in /work/shared/ALGORITHMS.md, plus the config classes' user-facing contract and the method registry.
+specified in docs/algorithms.md (#lora, #ffa-lora), plus the config classes' user-facing contract and the
+method registry.
 """
 
 from __future__ import annotations
