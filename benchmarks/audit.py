@@ -29,8 +29,9 @@ Assumptions of the analysis: the coins are independent fair coins, independent o
 here from a seeded generator that only the auditor uses); the guesses depend only on the released adapter
 and public canary data; DP is with respect to adding or removing one canary (Opacus's Poisson-sampling
 accountant is add/remove). The pipeline is audited as shipped: the canary client's noise is calibrated from
-its size, which counts the included canaries, so sizes are treated as public (as ALGORITHMS.md states).
-Only the canary client sees canaries; the other clients and the server are post-processing.
+its size, which counts the included canaries, so sizes are treated as public (as
+docs/algorithms.md#unit-one-example states). Only the canary client sees canaries; the other clients and the server
+are post-processing.
 
     .venv/bin/python benchmarks/audit.py                # non-private and target epsilon 1, 4, 8 (see RESULTS.md)
     .venv/bin/python benchmarks/audit.py --quick        # smoke run: fewer canaries and rounds, audit_quick.json

@@ -523,6 +523,7 @@ def _run_plan(demo: DemoArguments, args: DemoTrainingArguments, plan: DemoPlan, 
                 "seconds": time.time() - run_started,
                 "learning_rate": rate.value,
                 "learning_rate_source": rate.source,
+                "learning_rate_tuned": rate.tuned,
                 "sub_rounds_per_round": plan.sub_rounds[method],
                 "local_steps_per_sub_round": plan.steps_per_sub_round[method],
                 "accuracy_per_round": progress.accuracy,
@@ -574,7 +575,11 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
         + (f" ({'; '.join(split)} steps)" if split else "")
     )
     print(f"  privacy: {_privacy_text(args, plan)}")
-    rates = ", ".join(f"{m} {plan.learning_rates[m].value:g}{_settings_text(m)}" for m in plan.methods)
+    rates = ", ".join(
+        f"{m} {plan.learning_rates[m].value:g}{_settings_text(m)}"
+        + ("" if plan.learning_rates[m].tuned else " (not tuned for this method: the training arguments' default)")
+        for m in plan.methods
+    )
     print(f"  learning rates ({_enum_text(args.optim)}, {_enum_text(args.lr_scheduler_type)}): {rates}")
     print(f"  output: {args.output_dir}/ (results.md, results.json, accuracy plots, one adapter folder per run)")
     for name, histogram in trainer.client_label_histograms.items():

@@ -6,62 +6,73 @@ rate and on the same number of examples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import fields
+from typing import Any, TypeVar
 
-from .methods import CONFIG_CLASSES
-from .methods.base import FederatedMethod
+from .methods import registered_config_classes
+from .methods.base import DefaultLearningRate, FederatedMethod
+from .training_args import FederatedTrainingArguments
 
-
-@dataclass(frozen=True)
-class DefaultLearningRate:
-    """A method's default learning rate (AdamW, constant) and where the number came from."""
-
-    value: float
-    source: str
+_V = TypeVar("_V")
 
 
-_RECIPE_SWEEP = (
-    "benchmarks/lr_sweep.py on validation tweets carved from the training split (recipe: 8 Dirichlet(0.5) clients, "
-    "logical batch 96, 6 rounds x 4 local steps, LoRA on MiniLM's layers 3-5, dropout off, the head on the mean over "
-    "tokens, (8, 1e-6)-DP; seed 0; benchmarks/RESULTS.md, section 16)"
+class _RegistryTable(Mapping[str, _V]):
+    """A read-only table over the registered methods, read from their method classes on every access, so a method
+    registered later appears in it (names with no entry are left out)."""
+
+    def __init__(self, entry: Callable[[type[FederatedMethod]], _V | None]):
+        self._entry = entry
+
+    def _table(self) -> dict[str, _V]:
+        entries = {cls.method_class.name: self._entry(cls.method_class) for cls in registered_config_classes()}
+        return {name: value for name, value in entries.items() if value is not None}
+
+    def __getitem__(self, method: str) -> _V:
+        return self._table()[method]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __repr__(self) -> str:
+        return repr(self._table())
+
+
+#: The recipe's learning rate per registered method that has one (each method class's `recipe_learning_rate`:
+#: the best validation accuracy of the rates tried, with where it came from).
+DEFAULT_LEARNING_RATES: Mapping[str, DefaultLearningRate] = _RegistryTable(lambda method: method.recipe_learning_rate)
+
+#: The recipe's method settings beyond the learning rate, per method that sets any (each method class's
+#: `recipe_settings`; other fields keep their config's defaults).
+RECIPE_METHOD_SETTINGS: Mapping[str, dict[str, Any]] = _RegistryTable(
+    lambda method: dict(method.recipe_settings) or None
 )
-#: Default learning rate per registered method (AdamW defaults otherwise), the best validation accuracy of the rates
-#: tried. FFA-LoRA trains B alone and lora_alpha only rescales B's rate, so it needs a larger rate than LoRA
-#: (ALGORITHMS.md); the recipe also trains its B at a tenth of this (RECIPE_METHOD_SETTINGS).
-DEFAULT_LEARNING_RATES: dict[str, DefaultLearningRate] = {
-    "lora": DefaultLearningRate(5e-3, _RECIPE_SWEEP + ": 5e-3 (val. acc. 0.618) over 1e-2 (0.606) and 2e-2 (0.574)"),
-    "ffa_lora": DefaultLearningRate(
-        5e-2, _RECIPE_SWEEP + ", lora_B at 0.1x: 5e-2 (val. acc. 0.686; 0.677 over three seeds); section 15"
-    ),
-    "rolora": DefaultLearningRate(2e-2, _RECIPE_SWEEP + ": 2e-2 (val. acc. 0.658) over 5e-2 (0.388)"),
-    "deer": DefaultLearningRate(1e-2, _RECIPE_SWEEP + ": 1e-2 (val. acc. 0.656) over 2e-2 (0.650) and 5e-2 (0.564)"),
-    "la_lora": DefaultLearningRate(5e-2, _RECIPE_SWEEP + ": 5e-2 (val. acc. 0.656) over 2e-2 (0.646)"),
-}
-
-#: Method settings of the recipe beyond the learning rate (config fields, else each config's paper default), chosen
-#: on validation tweets with the mean-pooled MiniLM (benchmarks/RESULTS.md, section 15): FFA-LoRA's lora_B at a
-#: tenth of the head's rate (val. acc. 0.677 over 0.651 at one rate, three seeds; test 0.676 over 0.628).
-RECIPE_METHOD_SETTINGS: dict[str, dict[str, float]] = {"ffa_lora": {"lr_ratio_b": 0.1}}
 
 
-def recipe_settings(method: str) -> dict[str, float]:
+def recipe_settings(method: str) -> dict[str, Any]:
     """The method's config fields set by the recipe (empty: its config's defaults)."""
     return dict(RECIPE_METHOD_SETTINGS.get(method, {}))
 
 
 def method_names() -> list[str]:
     """Names of every registered method, in registration order."""
-    return [config_cls.method_class.name for config_cls in CONFIG_CLASSES]
+    return [config_cls.method_class.name for config_cls in registered_config_classes()]
 
 
 def default_learning_rate(method: str) -> DefaultLearningRate:
-    """The method's entry in DEFAULT_LEARNING_RATES; a clear error for a method registered without one."""
-    if method not in DEFAULT_LEARNING_RATES:
-        raise ValueError(
-            f"No default learning rate for method {method!r}: pass one explicitly (e.g. --learning_rate) or add it "
-            "to hf_fedlora.comparison.DEFAULT_LEARNING_RATES with where it came from"
-        )
-    return DEFAULT_LEARNING_RATES[method]
+    """The method's recipe rate; for a registered method without one, FederatedTrainingArguments' default
+    learning_rate, marked as not tuned (`tuned=False`) so whoever runs it says so."""
+    if method in DEFAULT_LEARNING_RATES:
+        return DEFAULT_LEARNING_RATES[method]
+    if method not in method_names():
+        raise ValueError(f"Unknown federated method {method!r}; registered methods: {method_names()}")
+    default = next(f.default for f in fields(FederatedTrainingArguments) if f.name == "learning_rate")
+    return DefaultLearningRate(
+        default, "FederatedTrainingArguments' default learning_rate, not tuned for this method", tuned=False
+    )
 
 
 def local_steps_per_sub_round(method: FederatedMethod, num_rounds: int, local_steps: int, split: bool = True) -> int:

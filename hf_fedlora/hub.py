@@ -25,6 +25,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .methods import registered_config_classes
+
 CARD_NAME = "README.md"
 FEDERATED_RECORD_NAME = "federated_training.json"
 TEMPLATE_NAME = "federated_lora.md"
@@ -45,81 +47,18 @@ AUTO_CLASSES = {
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
     "FEATURE_EXTRACTION": "AutoModel",
 }
-METHODS = {
-    "ffa_lora": (
-        "FFA-LoRA",
-        "A is frozen at a shared seeded init on every client; only B is trained, uploaded and averaged, so "
-        "averaging B is exactly averaging the clients' updates, and the LoRA part of the upload is half of LoRA's "
-        "(a task head, if any, is sent in full by both).",
-    ),
-    "lora": (
-        "LoRA (the DP-LoRA / FedIT baseline)",
-        "A and B are trained together on every client and averaged separately by the server (FedAvg of each "
-        "factor), which is not exactly the average of the clients' updates.",
-    ),
-    "rolora": (
-        "RoLoRA",
-        "B trains in odd rounds and A in even rounds, the other factor frozen; only the trained factor is "
-        "uploaded and averaged.",
-    ),
-    "deer": (
-        "DEeR",
-        "Each round is two sub-rounds, first B (A frozen) then A (B frozen); only the trained factor is uploaded "
-        "and averaged (under DP, with the noise regulator on, the noise on it is shaped by the frozen factor and "
-        "scaled by that factor's largest singular value, so it is never below the nominal DP-SGD noise).",
-    ),
-    "la_lora": (
-        "LA-LoRA",
-        "A and B train alternately at every local step, B first; both are uploaded and averaged separately. "
-        "Under DP the noisy gradient of the trained factor is smoothed along its feature axis by a fixed low-pass "
-        "filter (post-processing: it costs no privacy).",
-    ),
-}
 # Transformers' speed metrics: not results, and not worth a column.
 _NOT_RESULTS = ("_runtime", "_per_second", "_time")
 
-_CITATIONS = {
-    "ffa_lora": """@inproceedings{sun2024improving,
-  title     = {Improving {LoRA} in Privacy-preserving Federated Learning},
-  author    = {Sun, Youbang and Li, Zitao and Li, Yaliang and Ding, Bolin},
-  booktitle = {The Twelfth International Conference on Learning Representations (ICLR)},
-  year      = {2024}
-}""",
-    "lora": """@inproceedings{hu2022lora,
-  title     = {{LoRA}: Low-Rank Adaptation of Large Language Models},
-  author    = {Hu, Edward J. and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li, Yuanzhi and
-               Wang, Shean and Wang, Lu and Chen, Weizhu},
-  booktitle = {The Tenth International Conference on Learning Representations (ICLR)},
-  year      = {2022}
-}""",
-    "deer": """@article{zhu2024deer,
-  title   = {{DEeR}: Deviation Eliminating and Noise Regulating for Privacy-preserving Federated Low-rank Adaptation},
-  author  = {Zhu, Meilu and Mao, Axiu and Liu, Jun and Yuan, Yixuan},
-  journal = {arXiv preprint arXiv:2410.12926},
-  year    = {2024}
-}""",
-    "rolora": """@article{chen2024rolora,
-  title   = {Robust Federated Finetuning of Foundation Models via Alternating Minimization of {LoRA}},
-  author  = {Chen, Shuangyi and Ju, Yue and Dalal, Hardik and Zhu, Zhongwen and Khisti, Ashish},
-  journal = {arXiv preprint arXiv:2409.02346},
-  year    = {2024}
-}""",
-    "la_lora": """@inproceedings{liu2026rethinking,
-  title     = {Rethinking {LoRA} for Privacy-Preserving Federated Learning in Large Models},
-  author    = {Liu, Jin and Miao, Yinbin and Xi, Ning and Liu, Junkang},
-  booktitle = {The Fourteenth International Conference on Learning Representations (ICLR)},
-  year      = {2026},
-  note      = {arXiv:2602.19926}
-}""",
-    "dp_sgd": """@inproceedings{abadi2016deep,
+# The method's own citation comes from its method class (hf_fedlora.methods); DP-SGD is cited under DP.
+_DP_SGD_CITATION = """@inproceedings{abadi2016deep,
   title     = {Deep Learning with Differential Privacy},
   author    = {Abadi, Martin and Chu, Andy and Goodfellow, Ian and McMahan, H. Brendan and Mironov, Ilya and
                Talwar, Kunal and Zhang, Li},
   booktitle = {Proceedings of the 2016 ACM SIGSAC Conference on Computer and Communications Security (CCS)},
   pages     = {308--318},
   year      = {2016}
-}""",
-}
+}"""
 
 
 # ----------------------------------------------------------------------------------------
@@ -292,15 +231,15 @@ def _template_context(
     repo_id: str | None,
 ) -> dict[str, Any]:
     """Everything the template prints, already formatted, so the template holds prose and layout only."""
-    display, description = METHODS.get(method, (method, f"The federated LoRA method `{method}`."))
+    display, description, citation = _method_text(method)
     history = list(record.get("round_history") or [])
     lora = record.get("lora") or {}
     target_modules = lora.get("target_modules")
     if isinstance(target_modules, (list, tuple, set)):
         target_modules = ", ".join(f"`{m}`" for m in target_modules)
-    citations = [_CITATIONS[method]] if method in _CITATIONS else []
+    citations = [citation] if citation else []
     if private:
-        citations.append(_CITATIONS["dp_sgd"])
+        citations.append(_DP_SGD_CITATION)
     citations.append(_library_citation())
     return {
         "private": private,
@@ -329,6 +268,16 @@ def _template_context(
         "continued": _continued_context(record.get("continued_from")),
         "selection": _selection_text(record),
     }
+
+
+def _method_text(method: str) -> tuple[str, str, str | None]:
+    """(display name, the card's sentence, BibTeX or None) from the registered method class; a method this
+    hf_fedlora does not know (a record from another version) is named as recorded, without a citation."""
+    for config_cls in registered_config_classes():
+        if config_cls.method_class.name == method:
+            cls = config_cls.method_class
+            return cls.display_name, cls.description, cls.citation
+    return method, f"The federated LoRA method `{method}`.", None
 
 
 def _continued_context(continued: Mapping[str, Any] | None) -> dict[str, Any] | None:

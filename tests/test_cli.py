@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from toy_method import TOY_CITATION, registered_toy
 
-from hf_fedlora import cli
+from hf_fedlora import FederatedTrainingArguments, cli
 from hf_fedlora.comparison import DEFAULT_LEARNING_RATES, method_names
 from hf_fedlora.hub import format_delta, format_epsilon
 
@@ -137,6 +138,36 @@ def test_plan_defaults_and_overrides():
     assert cli.parse_demo_args(["--compare"])[2].methods == method_names()
     _, _, plan = cli.parse_demo_args(["--method", "deer", "--learning_rate", "0.1", "--epsilons", "1,3,none"])
     assert (plan.learning_rates["deer"].value, plan.budgets) == (0.1, [1.0, 3.0, None])
+
+
+def test_a_registered_method_without_a_tuned_rate_runs_at_the_default_rate_and_says_so(tmp_path):
+    """The demo plans a method registered from outside: at FederatedTrainingArguments' default learning rate,
+    marked untuned in the plan and in the notes written beside the results; --compare includes it."""
+    default_rate = FederatedTrainingArguments(output_dir=str(tmp_path)).learning_rate
+    with registered_toy():
+        demo, args, plan = cli.parse_demo_args(["--method", "toy_lora"])
+        assert cli.parse_demo_args(["--compare"])[2].methods[-1] == "toy_lora"
+    assert plan.methods == ["toy_lora"]
+    rate = plan.learning_rates["toy_lora"]
+    assert (rate.value, rate.tuned) == (default_rate, False)
+    notes = " ".join(cli._notes(demo, args, plan, {}))
+    assert f"toy_lora {default_rate:g} from FederatedTrainingArguments' default learning_rate, not tuned" in notes
+    _, _, plan = cli.parse_demo_args(["--method", "lora"])
+    assert plan.learning_rates["lora"].tuned  # the built-in methods keep their tuned recipe rates
+
+
+def test_the_demo_runs_a_registered_method_and_its_card_and_table_say_what_it_is(tmp_path, capsys):
+    """End to end: the toy method trains, the first screen and results.json say its rate was not tuned, and its
+    model card names it and cites its paper, all read from its method class."""
+    with registered_toy():
+        cli.run_demo([*FAST, "--method", "toy_lora", "--output_dir", str(tmp_path)])
+    default_rate = FederatedTrainingArguments(output_dir=str(tmp_path)).learning_rate
+    assert f"toy_lora {default_rate:g} (not tuned for this method" in capsys.readouterr().out
+    [row] = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert (row["method"], row["learning_rate_tuned"]) == ("toy_lora", False)
+    assert "not tuned" in row["learning_rate_source"]
+    card = (tmp_path / "toy_lora" / "README.md").read_text()
+    assert "**Toy-LoRA** (`toy_lora`)" in card and TOY_CITATION in card
 
 
 @pytest.mark.parametrize("flags, expected", [([], {0.0}), (["--dropout", "0.1"], {0.1})])

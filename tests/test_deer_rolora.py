@@ -1,6 +1,6 @@
 """DEeR and RoLoRA: exact aggregation by alternation, the ablation switches, accounting, and the noise regulator.
 
-As specified in /work/shared/ALGORITHMS.md (DEeR and RoLoRA rows, the noise-regulator paragraph).
+As specified in docs/algorithms.md (#deer, #rolora and #deer-noise-regulator).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -22,6 +21,7 @@ from peft import PeftModel
 from PIL import Image
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
+from toy_method import registered_toy
 from transformers import (
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
@@ -38,7 +38,7 @@ from transformers import (
 )
 
 import hf_fedlora.methods
-from hf_fedlora import FederatedTrainer, FedLoraConfig
+from hf_fedlora import FederatedTrainer
 from hf_fedlora.metrics import load_glue_metric
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -275,21 +275,17 @@ def test_run_glue_refuses_bad_arguments_before_training(assets, tmp_path, traini
     assert not (out / ADAPTER).exists()
 
 
-def test_unknown_method_message_lists_every_registered_method(monkeypatch):
+def test_unknown_method_message_lists_every_registered_method():
     """--method is checked against the registry at run time: a method registered later is accepted, and the
     error for an unknown one names every registered method (no hard-coded list)."""
-
-    @dataclass
-    class ToyConfig(FedLoraConfig):
-        method_class = type("ToyMethod", (hf_fedlora.methods.FedLoraMethod,), {"name": "toy_method"})
-
-    monkeypatch.setattr(hf_fedlora.methods, "CONFIG_CLASSES", (*hf_fedlora.methods.CONFIG_CLASSES, ToyConfig))
-    for script in (run_glue, run_vision):
-        assert script.ModelArguments(model_name_or_path="m", method="toy_method").method == "toy_method"
-        with pytest.raises(ValueError) as error:
-            script.ModelArguments(model_name_or_path="m", method="fedsgd")
-        for config_cls in hf_fedlora.methods.CONFIG_CLASSES:
-            assert repr(config_cls.method_class.name) in str(error.value)
+    with registered_toy():
+        for script in (run_glue, run_vision):
+            assert script.ModelArguments(model_name_or_path="m", method="toy_lora").method == "toy_lora"
+            with pytest.raises(ValueError) as error:
+                script.ModelArguments(model_name_or_path="m", method="fedsgd")
+            assert "'toy_lora'" in str(error.value)
+            for config_cls in hf_fedlora.methods.CONFIG_CLASSES:
+                assert repr(config_cls.method_class.name) in str(error.value)
 
 
 def test_default_lora_targets_exist_in_the_installed_models():

@@ -14,6 +14,7 @@ import yaml
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.utils import filter_repo_objects
 from tiny import fed_args, tiny_peft, toy_dataset
+from toy_method import TOY_CITATION, ToyMethod, registered_toy
 
 from hf_fedlora import FederatedTrainer, FFALoraConfig
 from hf_fedlora.hub import (
@@ -409,3 +410,19 @@ def test_the_loading_code_names_the_recorded_class_only_when_no_auto_class_build
     content = build_model_card(record, repo_id="me/ffa-sst2").content
     assert imported in content
     assert ("`hf_fedlora` is not needed to load or use it" in content) == imported.startswith("from transformers")
+
+
+def test_the_card_reads_the_methods_name_sentence_and_citation_from_its_registered_class():
+    """A method registered from outside (one file's worth) gets its own name, sentence and BibTeX on the card;
+    a method this hf_fedlora does not know is named as recorded, with no paper cited."""
+    record = non_private_record()
+    record["method"] = {"method": "toy_lora", "init_seed": 0}
+    with registered_toy():
+        text = build_model_card(record).content
+    assert f"**{ToyMethod.display_name}** (`toy_lora`): {ToyMethod.description}" in text
+    assert TOY_CITATION in section(text, "Citation")
+    assert "hu2022lora" not in text and "sun2024improving" not in text  # no other method's paper
+
+    text = build_model_card(record).content  # unregistered again
+    assert "**toy_lora** (`toy_lora`): The federated LoRA method `toy_lora`." in text
+    assert "toy2026lora" not in text

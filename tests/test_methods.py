@@ -2,7 +2,8 @@
 
 Covers FFA-LoRA (A frozen at its shared seeded init, only B trains and is sent) against the
 DP-LoRA / FedIT baseline (`FedLoraConfig`: A and B train and are averaged separately), as
-specified in /work/shared/ALGORITHMS.md, plus the config classes' user-facing contract.
+specified in docs/algorithms.md (#lora, #ffa-lora), plus the config classes' user-facing contract and the
+method registry.
 """
 
 from __future__ import annotations
@@ -14,10 +15,19 @@ import pytest
 import torch
 from peft import LoraConfig, PeftType, get_peft_model
 from tiny import fed_args, tiny_bert, tiny_peft, toy_dataset
+from toy_method import ToyConfig, ToyMethod, registered_toy
 
 import hf_fedlora.methods as methods_module
-from hf_fedlora import FederatedTrainer, FedLoraConfig, FFALoraConfig
-from hf_fedlora.federation.adapter_state import payload_nbytes
+from hf_fedlora import FederatedTrainer, FederatedTrainingArguments, FedLoraConfig, FFALoraConfig
+from hf_fedlora.comparison import (
+    DEFAULT_LEARNING_RATES,
+    RECIPE_METHOD_SETTINGS,
+    default_learning_rate,
+    method_names,
+    recipe_settings,
+)
+from hf_fedlora.federation.adapter_state import adapter_parameters, payload_nbytes
+from hf_fedlora.methods import CONFIG_CLASSES, DefaultLearningRate, register_method, unregister_method
 
 
 class RecordingTrainer(FederatedTrainer):
@@ -397,3 +407,99 @@ def test_missing_target_module_fails_with_its_name():
     # With a task head (modules_to_save), PEFT's message (not ours) points at the option instead of the name.
     with pytest.raises(ValueError, match="target_modules"):
         get_peft_model(tiny_bert(), FFALoraConfig(r=4, target_modules=["nope"], task_type="SEQ_CLS"))
+
+
+@pytest.mark.parametrize("config_cls", CONFIG_CLASSES, ids=[c.method_class.name for c in CONFIG_CLASSES])
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_config_refuses_trainable_biases(config_cls, bias):
+    """PEFT's bias='lora_only'/'all' would unfreeze biases that no method trains, sends or averages."""
+    with pytest.raises(ValueError, match=f"bias={bias!r} is not supported.*bias='none'"):
+        config_cls(r=4, target_modules=["query"], bias=bias)
+
+
+def test_biases_peft_unfreezes_are_outside_the_federated_adapter_state():
+    """Why the refusal above: with a plain LoraConfig(bias='lora_only') PEFT makes the adapted layers' biases
+    trainable, but the adapter state a client trains, sends and receives holds only the LoRA factors and the head."""
+    config = LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS", bias="lora_only")
+    model = get_peft_model(tiny_bert(), config)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    biases = {name for name in trainable if name.endswith("query.base_layer.bias")}
+    assert len(biases) == 2  # one per layer of the tiny BERT
+    assert not biases & set(adapter_parameters(model))
+    assert trainable - biases == set(adapter_parameters(model))
+
+
+# --------------------------------------------------------------------------------------
+# 8. The registry: a method is one file and one register_method call
+# --------------------------------------------------------------------------------------
+def test_the_built_in_methods_keep_their_order_and_recipe():
+    """Registration order, and the recipe each method class carries (the numbers of benchmarks/RESULTS.md)."""
+    assert method_names() == ["lora", "ffa_lora", "rolora", "deer", "la_lora"]
+    assert [c.method_class.name for c in methods_module.CONFIG_CLASSES] == method_names()
+    assert {name: rate.value for name, rate in DEFAULT_LEARNING_RATES.items()} == {
+        "lora": 5e-3,
+        "ffa_lora": 5e-2,
+        "rolora": 2e-2,
+        "deer": 1e-2,
+        "la_lora": 5e-2,
+    }
+    assert all(rate.tuned and "lr_sweep.py" in rate.source for rate in DEFAULT_LEARNING_RATES.values())
+    assert dict(RECIPE_METHOD_SETTINGS) == {"ffa_lora": {"lr_ratio_b": 0.1}}
+    assert recipe_settings("ffa_lora") == {"lr_ratio_b": 0.1} and recipe_settings("deer") == {}
+
+
+def test_a_method_registered_with_one_call_is_known_by_name_until_unregistered(tmp_path):
+    """Registered: listed, looked up by name, trained by FederatedTrainer; without a tuned rate it falls back to
+    FederatedTrainingArguments' default, marked untuned. Unregistered: gone everywhere."""
+    with registered_toy() as toy_config:
+        assert method_names()[-1] == "toy_lora"
+        assert methods_module.CONFIG_CLASSES[-1] is toy_config
+        assert methods_module.config_class_for("toy_lora") is toy_config
+        assert "toy_lora" not in DEFAULT_LEARNING_RATES and recipe_settings("toy_lora") == {}
+        rate = default_learning_rate("toy_lora")
+        assert not rate.tuned and "not tuned" in rate.source
+        assert rate.value == FederatedTrainingArguments(output_dir=str(tmp_path)).learning_rate
+        model = tiny_peft(toy_config)
+        trainer = FederatedTrainer(model=model, args=fed_args(tmp_path), train_dataset=toy_dataset(40))
+        initial_A, initial_B = lora_tensors(model, "lora_A"), lora_tensors(model, "lora_B")
+        trainer.train()
+        assert all(torch.equal(t, initial_A[n]) for n, t in lora_tensors(model, "lora_A").items())  # the toy's rule
+        assert all(not torch.equal(t, initial_B[n]) for n, t in lora_tensors(model, "lora_B").items())
+    assert "toy_lora" not in method_names()
+    assert toy_config not in methods_module.CONFIG_CLASSES
+    with pytest.raises(ValueError, match="Unknown federated method 'toy_lora'"):
+        methods_module.config_class_for("toy_lora")
+    with pytest.raises(ValueError, match="Unknown federated method 'toy_lora'"):
+        default_learning_rate("toy_lora")
+
+
+def _toy_variant(**attributes):
+    method = type("BadMethod", (ToyMethod,), {"name": "bad_lora", **attributes})
+    return dataclasses.make_dataclass("BadConfig", [], bases=(ToyConfig,), namespace={"method_class": method})
+
+
+@pytest.mark.parametrize(
+    ("attributes", "message"),
+    [
+        ({"name": "lora"}, "A method named 'lora' is already registered"),
+        ({"name": "Bad-LoRA"}, "name must be a lower-case identifier"),
+        ({"display_name": ""}, "display_name must be a non-empty string"),
+        ({"description": None}, "description must be a non-empty string"),
+        ({"citation": "Sun et al. 2024"}, "citation must be a BibTeX entry"),
+        ({"recipe_learning_rate": 0.01}, "recipe_learning_rate must be None"),
+        ({"recipe_learning_rate": DefaultLearningRate(-1.0, "sweep")}, "recipe_learning_rate must be None"),
+        ({"recipe_settings": {"lr_ratio_c": 0.1}}, r"recipe_settings names \['lr_ratio_c'\]"),
+    ],
+)
+def test_register_method_refuses_an_incomplete_method_naming_the_attribute(attributes, message):
+    before = method_names()
+    with pytest.raises(ValueError, match=message):
+        register_method(_toy_variant(**attributes))
+    assert method_names() == before
+
+
+def test_register_method_refuses_what_is_not_a_config_class():
+    with pytest.raises(ValueError, match="a @dataclass subclass of FedLoraConfig"):
+        register_method(ToyMethod)
+    with pytest.raises(ValueError, match="No method named 'toy_lora' is registered"):
+        unregister_method("toy_lora")

@@ -1,22 +1,26 @@
-"""One file per federated LoRA method: its config class and the method object it builds."""
+"""One file per federated LoRA method: its config class, the method object it builds, and what the model card and
+the demo say about it. Each is registered here, once, in the order the demo and the benchmarks list them."""
 
-from .base import FederatedMethod, WeightedMeanAccumulator
+from .base import DefaultLearningRate, FederatedMethod, WeightedMeanAccumulator
 from .deer import DeerConfig, DeerMethod
 from .ffa_lora import FFALoraConfig, FFALoraMethod
 from .la_lora import LALoraConfig, LALoraMethod
 from .lora import FedLoraConfig, FedLoraMethod
+from .registry import config_class_for, register_method, registered_config_classes, unregister_method
 from .rolora import RoLoraConfig, RoLoraMethod
 
-CONFIG_CLASSES: tuple[type[FedLoraConfig], ...] = (FedLoraConfig, FFALoraConfig, RoLoraConfig, DeerConfig, LALoraConfig)
+register_method(FedLoraConfig)
+register_method(FFALoraConfig)
+register_method(RoLoraConfig)
+register_method(DeerConfig)
+register_method(LALoraConfig)
 
 
-def config_class_for(method_name: str) -> type[FedLoraConfig]:
-    """The config class of a method, by the name recorded in a saved adapter's federated record."""
-    for config_cls in CONFIG_CLASSES:
-        if config_cls.method_class.name == method_name:
-            return config_cls
-    known = [c.method_class.name for c in CONFIG_CLASSES]
-    raise ValueError(f"Unknown federated method {method_name!r}; this hf_fedlora knows {known}")
+def __getattr__(name: str):
+    # CONFIG_CLASSES is read from the registry on every access, so methods registered later appear in it too.
+    if name == "CONFIG_CLASSES":
+        return registered_config_classes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -24,6 +28,7 @@ __all__ = [
     "config_class_for",
     "DeerConfig",
     "DeerMethod",
+    "DefaultLearningRate",
     "FederatedMethod",
     "FedLoraConfig",
     "FedLoraMethod",
@@ -31,7 +36,10 @@ __all__ = [
     "FFALoraMethod",
     "LALoraConfig",
     "LALoraMethod",
+    "register_method",
+    "registered_config_classes",
     "RoLoraConfig",
     "RoLoraMethod",
+    "unregister_method",
     "WeightedMeanAccumulator",
 ]

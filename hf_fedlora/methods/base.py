@@ -2,14 +2,17 @@
 
 The trainer never names a method: it asks the method object which factors train at a
 given round, sub-round and local step, which factors a client uploads, and how the
-server combines the uploads. A new method is one file here plus its config class.
+server combines the uploads. A new method is one file here: a `FederatedMethod` subclass that also carries
+what the card and the demo say about it (name, description, citation, recipe), its config class, and one
+`register_method` call (hf_fedlora.methods.registry).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -20,10 +23,45 @@ if TYPE_CHECKING:
     from .lora import FedLoraConfig
 
 
-class FederatedMethod:
-    """Base: every round is one sub-round in which A and B train together and are averaged."""
+@dataclass(frozen=True)
+class DefaultLearningRate:
+    """A learning rate (AdamW, constant) and where the number came from; `tuned` is False for a fallback that was
+    not chosen for the method (the training arguments' default)."""
 
-    name = "base"
+    value: float
+    source: str
+    tuned: bool = True
+
+
+#: Where the demo recipe's learning rates come from; each method's `recipe_learning_rate` adds its own numbers.
+RECIPE_SWEEP = (
+    "benchmarks/lr_sweep.py on validation tweets carved from the training split (recipe: 8 Dirichlet(0.5) clients, "
+    "logical batch 96, 6 rounds x 4 local steps, LoRA on MiniLM's layers 3-5, dropout off, the head on the mean over "
+    "tokens, (8, 1e-6)-DP; seed 0; benchmarks/RESULTS.md, section 16)"
+)
+
+
+class FederatedMethod:
+    """Base: every round is one sub-round in which A and B train together and are averaged.
+
+    The class attributes describe the method to people (the model card) and to the demo's recipe; the registry
+    (`register_method`) checks them when the method is registered.
+    """
+
+    #: Registry key, recorded in `federated_training.json` and given to `--method` (lower case, e.g. "ffa_lora").
+    name: ClassVar[str] = "base"
+    #: How the model card names the method (e.g. "FFA-LoRA").
+    display_name: ClassVar[str] = ""
+    #: The model card's sentence: what trains, what is sent and how the server combines it.
+    description: ClassVar[str] = ""
+    #: BibTeX entry of the method's paper, cited on the card; None for a method without one.
+    citation: ClassVar[str | None] = None
+    #: The demo recipe's learning rate and where it came from; None: not tuned (the demo then runs the training
+    #: arguments' default rate and says so).
+    recipe_learning_rate: ClassVar[DefaultLearningRate | None] = None
+    #: Config fields the demo recipe sets beyond the learning rate (e.g. FFA-LoRA's lr_ratio_b=0.1); others keep
+    #: the config's defaults.
+    recipe_settings: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, config: FedLoraConfig):
         self.config = config

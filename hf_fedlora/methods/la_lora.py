@@ -6,7 +6,7 @@ that factor alone. B goes first because it starts at zero: an A-first step would
 gradient. Both factors drift on every client, so the server's separate averages of A and B
 do not give zero aggregation deviation (unlike FFA-LoRA or DEeR). The privacy layer applies
 a fixed low-pass filter to the noisy gradient (post-processing: it costs no privacy); this
-method only names it. The project follows the paper, not the released code (see ALGORITHMS.md).
+method only names it. The project follows the paper, not the released code (docs/algorithms.md#la-lora).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..federation.adapter_state import LORA_A, LORA_B
-from .base import FederatedMethod
+from .base import RECIPE_SWEEP, DefaultLearningRate, FederatedMethod
 from .lora import FedLoraConfig, check_learning_rate_ratio
 
 LOWPASS_FILTER = "binomial_lowpass"  # a key of privacy.postprocessing.NOISY_GRADIENT_FILTERS
@@ -23,6 +23,20 @@ LOWPASS_FILTER = "binomial_lowpass"  # a key of privacy.postprocessing.NOISY_GRA
 
 class LALoraMethod(FederatedMethod):
     name = "la_lora"
+    display_name = "LA-LoRA"
+    description = (
+        "A and B train alternately at every local step, B first; both are uploaded and averaged separately. "
+        "Under DP the noisy gradient of the trained factor is smoothed along its feature axis by a fixed low-pass "
+        "filter (post-processing: it costs no privacy)."
+    )
+    citation = """@inproceedings{liu2026rethinking,
+  title     = {Rethinking {LoRA} for Privacy-Preserving Federated Learning in Large Models},
+  author    = {Liu, Jin and Miao, Yinbin and Xi, Ning and Liu, Junkang},
+  booktitle = {The Fourteenth International Conference on Learning Representations (ICLR)},
+  year      = {2026},
+  note      = {arXiv:2602.19926}
+}"""
+    recipe_learning_rate = DefaultLearningRate(5e-2, RECIPE_SWEEP + ": 5e-2 (val. acc. 0.656) over 2e-2 (0.646)")
 
     def trained_lora_factors(self, round_index: int, sub_round: int, step: int) -> frozenset[str]:
         """B on even phases, A on odd ones; a phase is `alternate_every` local steps, counted from 0 each round."""

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from peft import LoraConfig
 
-from .base import FederatedMethod
+from .base import RECIPE_SWEEP, DefaultLearningRate, FederatedMethod
 
 
 def check_learning_rate_ratio(name: str, ratio: object) -> None:
@@ -24,6 +24,21 @@ def check_learning_rate_ratio(name: str, ratio: object) -> None:
 
 class FedLoraMethod(FederatedMethod):
     name = "lora"
+    display_name = "LoRA (the DP-LoRA / FedIT baseline)"
+    description = (
+        "A and B are trained together on every client and averaged separately by the server (FedAvg of each "
+        "factor), which is not exactly the average of the clients' updates."
+    )
+    citation = """@inproceedings{hu2022lora,
+  title     = {{LoRA}: Low-Rank Adaptation of Large Language Models},
+  author    = {Hu, Edward J. and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li, Yuanzhi and
+               Wang, Shean and Wang, Lu and Chen, Weizhu},
+  booktitle = {The Tenth International Conference on Learning Representations (ICLR)},
+  year      = {2022}
+}"""
+    recipe_learning_rate = DefaultLearningRate(
+        5e-3, RECIPE_SWEEP + ": 5e-3 (val. acc. 0.618) over 1e-2 (0.606) and 2e-2 (0.574)"
+    )
 
 
 @dataclass
@@ -53,6 +68,13 @@ class FedLoraConfig(LoraConfig):
             raise ValueError(
                 "use_dora=True is not supported for federated training: DoRA's magnitude vector is neither a LoRA "
                 "factor nor a task head, so no method would train, send or average it. Use use_dora=False."
+            )
+        if self.bias != "none":
+            raise ValueError(
+                f"bias={self.bias!r} is not supported for federated training: the federated adapter state holds the "
+                "LoRA factors and the task head only, so the biases PEFT would unfreeze would never be trained, sent "
+                "or averaged (and under DP the first step fails on their per-example gradients). Use bias='none'; "
+                "to train a whole module, bias included, list it in modules_to_save."
             )
         if self.init_lora_weights not in (True, "gaussian"):
             raise ValueError(

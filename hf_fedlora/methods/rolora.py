@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..federation.adapter_state import HEAD, LORA_A, LORA_B
-from .base import FederatedMethod
+from .base import RECIPE_SWEEP, DefaultLearningRate, FederatedMethod
 from .lora import FedLoraConfig
 
 
@@ -25,6 +25,18 @@ def rolora_factor(round_index: int) -> str:
 
 class RoLoraMethod(FederatedMethod):
     name = "rolora"
+    display_name = "RoLoRA"
+    description = (
+        "B trains in odd rounds and A in even rounds, the other factor frozen; only the trained factor is "
+        "uploaded and averaged."
+    )
+    citation = """@article{chen2024rolora,
+  title   = {Robust Federated Finetuning of Foundation Models via Alternating Minimization of {LoRA}},
+  author  = {Chen, Shuangyi and Ju, Yue and Dalal, Hardik and Zhu, Zhongwen and Khisti, Ashish},
+  journal = {arXiv preprint arXiv:2409.02346},
+  year    = {2024}
+}"""
+    recipe_learning_rate = DefaultLearningRate(2e-2, RECIPE_SWEEP + ": 2e-2 (val. acc. 0.658) over 5e-2 (0.388)")
 
     def trained_lora_factors(self, round_index: int, sub_round: int, step: int) -> frozenset[str]:
         return frozenset({rolora_factor(round_index)})

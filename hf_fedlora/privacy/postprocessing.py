@@ -43,9 +43,9 @@ def binomial_lowpass(gradient: Tensor, factor: str) -> Tensor:
     lora_A (r x n) is smoothed along n within each row, lora_B (m x r) along m within each column:
     never across rank components. Anything else (the task head) is returned unchanged.
     Padding is numpy's "symmetric" (edge value repeated) rather than "reflect" (edge not repeated):
-    it is the symmetric padding ALGORITHMS.md specifies, it keeps a constant gradient constant up to
-    the edges (no zero-padding dip), and it is defined for every length, even 1 or 2 features, where
-    "reflect" with a pad of 2 is not.
+    it is the symmetric padding docs/algorithms.md#la-lora-low-pass-filter specifies, it keeps a
+    constant gradient constant up to the edges (no zero-padding dip), and it is defined for every length,
+    even 1 or 2 features, where "reflect" with a pad of 2 is not.
     """
     if factor not in (LORA_A, LORA_B):
         return gradient
