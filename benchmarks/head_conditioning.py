@@ -28,7 +28,7 @@ from frozen_probe import features
 from sklearn.linear_model import LogisticRegression
 from transformers import AutoModel, DataCollatorWithPadding
 
-from hf_fedlora.cli import DemoArguments, load_tweet_task
+from hf_fedlora.demo_task import load_tweet_task
 from hf_fedlora.federation.partition import partition_dataset
 from hf_fedlora.offline_assets import minilm_path
 from hf_fedlora.privacy.calibration import calibrate_noise_multiplier
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     torch.manual_seed(0)
 
-    tokenizer, train, _test = load_tweet_task(DemoArguments(max_length=48, max_eval_examples=1), seed=0)
+    tokenizer, train, _test = load_tweet_task(0, max_length=48, max_eval_examples=1)
     split = train.train_test_split(test_size=args.validation_size, seed=0, stratify_by_column="label")
     train, validation = split["train"], split["test"]
     model = AutoModel.from_pretrained(minilm_path()).eval()

@@ -21,7 +21,7 @@ from frozen_probe import features
 from sklearn.metrics import f1_score
 from transformers import AutoModel, DataCollatorWithPadding
 
-from hf_fedlora.cli import DemoArguments, load_tweet_task
+from hf_fedlora.demo_task import load_tweet_task
 from hf_fedlora.offline_assets import TWEET_SENTIMENT_LABELS, minilm_path
 
 VALIDATION_SIZE, DATA_SEED = 500, 0  # lr_sweep.py's split
@@ -29,7 +29,7 @@ VALIDATION_SIZE, DATA_SEED = 500, 0  # lr_sweep.py's split
 
 def main() -> None:
     quiet()
-    tokenizer, train, _ = load_tweet_task(DemoArguments(max_length=48, max_eval_examples=1), seed=DATA_SEED)
+    tokenizer, train, _ = load_tweet_task(DATA_SEED, max_length=48, max_eval_examples=1)
     split = train.train_test_split(test_size=VALIDATION_SIZE, seed=DATA_SEED, stratify_by_column="label")
     validation = split["test"]
     model = AutoModel.from_pretrained(minilm_path()).eval()
