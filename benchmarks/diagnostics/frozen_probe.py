@@ -7,10 +7,14 @@ features of MiniLM (BERT's pooler output, which BertForSequenceClassification's 
 mean over tokens, how all-MiniLM-L6-v2 was trained) for `--train_examples` training tweets, and scores it on the
 demo's 1000 test tweets (the same selection: `load_tweet_task` with the demo's seed).
 
-    .venv/bin/python benchmarks/frozen_probe.py        # ~2 min on 2 CPU cores; writes results/frozen_probe.json
+    .venv/bin/python benchmarks/diagnostics/frozen_probe.py   # ~2 min on 2 CPU cores; writes results/frozen_probe.json
 """
 
 from __future__ import annotations
+
+import benchmarks_path  # noqa: F401  (benchmarks/ on sys.path: common.py)
+
+# isort: split
 
 from common import format_table, quiet, write_results
 
