@@ -2,8 +2,9 @@
 
 Import this module before transformers/datasets/huggingface_hub (they read the offline switches
 on import); the scripts put `from common import ...` first, followed by an `# isort: split` comment.
-Benchmarks are run by hand (`.venv/bin/python benchmarks/<name>.py [--quick]`), are not tests and
-have no time limits; each writes its numbers to `benchmarks/results/<name>.json`.
+Benchmarks are run by hand (`.venv/bin/python benchmarks/<name>.py [--quick]`; one-off diagnostics in
+`benchmarks/diagnostics/`), are not tests and have no time limits; each writes its numbers to
+`benchmarks/results/<name>.json`, and `benchmarks/RESULTS.md` gives the current table of each question.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     args.name = args.name or ("utility_quick" if args.quick else "utility")
     if args.physical_batch_size is None:
-        args.physical_batch_size = min(16, args.batch_size)  # fastest on 2 CPU cores (RESULTS.md, section 9)
+        args.physical_batch_size = min(16, args.batch_size)  # fastest on 2 CPU cores (RESULTS.md#micro-batch)
     if args.batch_size % args.physical_batch_size:
         parser.error(f"--physical_batch_size {args.physical_batch_size} must divide --batch_size {args.batch_size}")
     if None in args.lora_layers:

@@ -107,11 +107,11 @@ class DemoTrainingArguments(FederatedTrainingArguments):
     """The demo's defaults: 8 Dirichlet(0.5) clients under (8, 1e-6)-DP per example, minutes on 2 cores.
 
     The recipe (logical batch 96, 6 rounds x 4 local steps, LoRA on MiniLM's last three layers, dropout off) was
-    chosen on validation tweets carved from the training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md,
-    sections 11 and 13). LoRA on layers 3-5 only scored as LoRA on all six at logical batch 64, ~30% faster (no
-    backward pass through layers 0-2); the time saved buys the larger batch, so a run takes as long as the batch-64
-    recipe did. The logical batch runs in micro-batches of 16, sorted by length: the same noisy step as one batch
-    of 96, with less padding and smaller activations (benchmarks/RESULTS.md, section 9).
+    chosen on validation tweets carved from the training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md#recipe,
+    benchmarks/HISTORY.md#recipe-b64 and #recipe-b96). LoRA on layers 3-5 only scored as LoRA on all six at logical
+    batch 64, ~30% faster (no backward pass through layers 0-2); the time saved buys the larger batch, so a run takes
+    as long as the batch-64 recipe did. The logical batch runs in micro-batches of 16, sorted by length: the same
+    noisy step as one batch of 96, with less padding and smaller activations (benchmarks/RESULTS.md#micro-batch).
     """
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Results, plots and one adapter per method."})

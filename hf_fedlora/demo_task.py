@@ -3,7 +3,7 @@ estimate of the demo's first screen.
 
 `hf-fedlora demo` (hf_fedlora/cli.py) parses and prints; what it trains on and with is built here, so that the
 benchmarks and the Flower example build the very same model and data without importing the command line.
-Heavy libraries are imported inside the builders: importing this module costs nothing.
+Heavy libraries (transformers, the trainer) are imported inside the builders, so importing this module is cheap.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,3 +132,25 @@ def test_memory_benchmark_counts_every_clients_privacy_state(tmp_path):
     assert states["streaming_aggregation"] and states["payloads_held_bytes"] == upload
     parts = ("sampling_rng_bytes", "noise_rng_bytes", "accountant_bytes", "payloads_held_bytes")
     assert states["expected_bytes"] == sum(states[part] for part in parts)
+
+
+def test_every_cited_results_anchor_exists():
+    """Code and docs cite benchmarks/RESULTS.md and HISTORY.md by anchor (`RESULTS.md#utility`), which stays when
+    sections move; a citation of an anchor that does not exist points nowhere."""
+    anchors = {
+        name: set(re.findall(r'<a id="([^"]+)"></a>', (BENCHMARKS / name).read_text(encoding="utf-8")))
+        for name in ("RESULTS.md", "HISTORY.md")
+    }
+    sources = {ROOT / "README.md"}
+    for folder in ("hf_fedlora", "benchmarks", "examples", "tests", "docs"):
+        sources |= {path for path in (ROOT / folder).rglob("*") if path.suffix in (".py", ".md")}
+    missing = []
+    for path in sorted(sources):
+        text = path.read_text(encoding="utf-8")
+        for document, anchor in re.findall(r"(RESULTS\.md|HISTORY\.md)#([a-z0-9-]+)", text):
+            if anchor not in anchors[document]:
+                missing.append(f"{path.relative_to(ROOT)}: {document}#{anchor}")
+        for anchor in re.findall(r"\]\(#([a-z0-9-]+)\)", text) if path.parent == BENCHMARKS else []:
+            if anchor not in anchors.get(path.name, set()):
+                missing.append(f"{path.relative_to(ROOT)}: #{anchor}")
+    assert anchors["RESULTS.md"] and not missing, missing
