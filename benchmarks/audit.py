@@ -33,8 +33,8 @@ its size, which counts the included canaries, so sizes are treated as public (as
 docs/algorithms.md#unit-one-example states). Only the canary client sees canaries; the other clients and the server
 are post-processing.
 
-    .venv/bin/python benchmarks/audit.py                # non-private and target epsilon 1, 4, 8 (see RESULTS.md)
-    .venv/bin/python benchmarks/audit.py --quick        # smoke run: fewer canaries and rounds, audit_quick.json
+    .venv/bin/python benchmarks/audit.py          # non-private and target epsilon 1, 4, 8 (RESULTS.md#privacy-audit)
+    .venv/bin/python benchmarks/audit.py --quick  # smoke run: fewer canaries and rounds, audit_quick.json
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Import this module before transformers/datasets/huggingface_hub (they read the offline switches
 on import); the scripts put `from common import ...` first, followed by an `# isort: split` comment.
-Benchmarks are run by hand (`.venv/bin/python benchmarks/<name>.py [--quick]`), are not tests and
-have no time limits; each writes its numbers to `benchmarks/results/<name>.json`.
+Benchmarks are run by hand (`.venv/bin/python benchmarks/<name>.py [--quick]`; one-off diagnostics in
+`benchmarks/diagnostics/`), are not tests and have no time limits; each writes its numbers to
+`benchmarks/results/<name>.json`, and `benchmarks/RESULTS.md` gives the current table of each question.
 """
 
 from __future__ import annotations
@@ -272,10 +273,11 @@ def load_task(model: str, *, train_examples: int | None = None, max_length: int 
     if model == "minilm":
         from transformers import DataCollatorWithPadding
 
-        from hf_fedlora.cli import DemoArguments, load_tweet_task, minilm_classifier
+        from hf_fedlora.demo_task import load_tweet_task, minilm_classifier
 
-        demo = DemoArguments(max_length=max_length, max_train_examples=train_examples, max_eval_examples=1)
-        tokenizer, train, _ = load_tweet_task(demo, seed)
+        tokenizer, train, _ = load_tweet_task(
+            seed, max_length=max_length, max_train_examples=train_examples, max_eval_examples=1
+        )
         return Task("minilm", train, DataCollatorWithPadding(tokenizer), tokenizer, minilm_classifier, seed)
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
@@ -283,16 +285,17 @@ def load_task(model: str, *, train_examples: int | None = None, max_length: int 
 def ffa_lora_recipe_model(train_examples: int, max_length: int = 48, seed: int = 0, pooling: str = "mean"):
     """(tokenizer, training tweets, model): MiniLM with FFA-LoRA at the recipe (r=8 on query/value of layers 3-5, a
     fresh head, dropout off), in training mode with exactly what FFA-LoRA trains (lora_B and the head) trainable.
-    `pooling` as `hf_fedlora.cli.minilm_classifier`'s."""
+    `pooling` as `hf_fedlora.demo_task.minilm_classifier`'s."""
     from peft import get_peft_model
 
     from hf_fedlora import FFALoraConfig
-    from hf_fedlora.cli import MINILM_RECIPE_LAYERS, DemoArguments, load_tweet_task, minilm_classifier
+    from hf_fedlora.demo_task import MINILM_RECIPE_LAYERS, load_tweet_task, minilm_classifier
     from hf_fedlora.federation.adapter_state import HEAD, LORA_B, factor_of
 
     torch.manual_seed(seed)
-    demo = DemoArguments(max_length=max_length, max_train_examples=train_examples, max_eval_examples=1)
-    tokenizer, train, _test = load_tweet_task(demo, seed=seed)
+    tokenizer, train, _test = load_tweet_task(
+        seed, max_length=max_length, max_train_examples=train_examples, max_eval_examples=1
+    )
     config = FFALoraConfig(
         r=8,
         lora_alpha=16,

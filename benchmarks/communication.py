@@ -132,7 +132,7 @@ def measure_by_training(peft_model: nn.Module, rounds: int, output_dir: str) -> 
 
 
 def minilm() -> nn.Module:
-    from hf_fedlora.cli import minilm_classifier
+    from hf_fedlora.demo_task import minilm_classifier
 
     return minilm_classifier()
 

@@ -26,7 +26,7 @@ import warnings
 from utility import parse_args as utility_args
 from utility import parse_epsilon, run_federated
 
-from hf_fedlora.cli import DemoArguments, load_tweet_task
+from hf_fedlora.demo_task import load_tweet_task
 
 DEMO_SETTING = ["--seeds", "0"]  # otherwise utility.py's defaults: the recipe the demo also uses
 
@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # PEFT vs transformers 5
     seed = args.seeds[0]
 
-    demo = DemoArguments(max_length=args.max_length, max_train_examples=args.max_train, max_eval_examples=1)
-    tokenizer, train, _test = load_tweet_task(demo, seed=args.data_seed)  # the test tweets are not used
+    tokenizer, train, _test = load_tweet_task(  # the test tweets are not used
+        args.data_seed, max_length=args.max_length, max_train_examples=args.max_train, max_eval_examples=1
+    )
     split = train.train_test_split(test_size=own.validation_size, seed=args.data_seed, stratify_by_column="label")
     task = (tokenizer, split["train"], split["test"])
     print(f"{len(split['train'])} training tweets, {len(split['test'])} validation tweets (carved from training)")

@@ -14,9 +14,10 @@ Only the number of clients may differ, so the rest is held fixed:
   between steps differed by 3 MiB. `--mmap-threshold 0` keeps glibc's dynamic behaviour (what a
   user's process sees).
 
-What is left is the randomness of DP itself: a step's activations grow with its Poisson batch (and
-its longest tweet), so the peak follows the largest batch a run happened to draw; it is reported
-per run, and many steps per round (the default) make it similar across runs.
+What is left is the randomness of DP itself: a step's Poisson batch runs in micro-batches of at most
+`--batch-size` examples, so its activations grow with the micro-batches a run happened to draw (and its
+longest tweet) up to that bound; the largest micro-batch is reported per run, and many steps per round
+(the default) make runs alike.
 
 The child reports:
 
@@ -24,7 +25,8 @@ The child reports:
 * peak RSS during `train()` alone (psutil polling) and RSS just before it, for context;
 * the bytes the clients' states actually take: per client its sampling and noise RNG states
   (`generator.get_state()`) and its accountant (history entries + object), plus the payloads the
-  server holds during aggregation (participants x `payload_nbytes` of one upload).
+  server holds during aggregation: one running sum (`payload_nbytes` of one upload) for a method whose
+  aggregate streams (a weighted mean folds each upload in as it arrives), else participants x that.
 
 Allowed growth from 2 to K clients = expected(K) - expected(2) + 5% of the 2-client peak.
 
@@ -116,21 +118,24 @@ def accountant_nbytes(accountant: Any) -> int:
 def client_states(trainer: FederatedTrainer) -> dict[str, int]:
     """Bytes of what the trainer keeps per client, and of the payloads it holds at once while aggregating.
 
-    Reads the trainer's per-client sampling generators (a private attribute): a benchmark may look inside.
+    Each client's DP state is its `ClientPrivacy` (the trainer's public `privacy.clients`): its secret sampling and
+    noise generators and its accountant.
     """
-    sampling_rng = sum(g.get_state().numel() for g in trainer._data_generators.values())
     clients = trainer.privacy.clients.values()
+    sampling_rng = sum(c.sampling_generator.get_state().numel() for c in clients)
     noise_rng = sum(c.noise_generator.get_state().numel() for c in clients)
     accountants = sum(accountant_nbytes(c.accountant) + sys.getsizeof(c) for c in clients)
     participants = trainer.args.clients_per_round or len(trainer.client_datasets)
     upload = parameters_of(adapter_parameters(trainer.model), trainer.method.uploaded_factors(0, 0))
     payload = payload_nbytes(upload)
-    payloads = participants * payload
+    streams = trainer.method.streaming_aggregator() is not None
+    payloads = payload if streams else participants * payload
     return {
         "sampling_rng_bytes": sampling_rng,
         "noise_rng_bytes": noise_rng,
         "accountant_bytes": accountants,
         "payload_bytes": payload,
+        "streaming_aggregation": streams,
         "payloads_held_bytes": payloads,
         "expected_bytes": sampling_rng + noise_rng + accountants + payloads,
     }
@@ -276,7 +281,7 @@ def main() -> None:
             runs.append(run)
             print(
                 f"  {method:<10} {clients:4d} clients: peak RSS {run['peak_rss_bytes'] / MIB:8.1f} MiB "
-                f"(largest Poisson batch {run['largest_batch']})",
+                f"(largest micro-batch {run['largest_batch']})",
                 flush=True,
             )
         results[method] = judge(runs)
@@ -301,7 +306,7 @@ def main() -> None:
     headers = [
         "method",
         "clients",
-        "largest batch",
+        "largest micro-batch",
         "peak MiB",
         "train peak MiB",
         "growth MiB",

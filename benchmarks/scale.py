@@ -24,13 +24,16 @@ Each (part, size) runs in its own subprocess so peak RSS (`ru_maxrss`) does not 
 
 from __future__ import annotations
 
-from common import MODELS, format_table, load_task, quiet, write_results  # isort: split
+from common import MODELS, ForwardCounter, format_table, load_task, quiet, write_results  # isort: split
 
 import argparse
+import atexit
 import json
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -44,6 +47,13 @@ def dirichlet_sizes(num_clients: int, seed: int = 0, total: int | None = None) -
     rng = np.random.default_rng(seed)
     spread = (total if total is not None else 116 * num_clients) - 16 * num_clients
     return (16 + rng.multinomial(spread, rng.dirichlet(np.ones(num_clients)))).tolist()
+
+
+def scratch_dir() -> str:
+    """A fresh output_dir for one run (nothing is saved in it), removed when the process exits."""
+    path = tempfile.mkdtemp(prefix="scale-bench-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def peak_mib() -> float:
@@ -110,7 +120,7 @@ def rounds(num_clients: int, logging_steps: int = 1, model: str = "tiny") -> dic
     clients = {f"client_{i}": task.train.select(range(bounds[i], bounds[i + 1])) for i in range(num_clients)}
     peft_model = get_peft_model(task.fresh_model(), lora)
     args = FederatedTrainingArguments(
-        output_dir="/tmp/scale-bench",
+        output_dir=scratch_dir(),
         num_rounds=num_rounds,
         clients_per_round=min(10, num_clients),
         local_steps=2,
@@ -179,7 +189,7 @@ def logical(batch: int) -> dict:
     )
     physical = min(PHYSICAL_BATCH, batch)
     args = FederatedTrainingArguments(
-        output_dir="/tmp/scale-bench",
+        output_dir=scratch_dir(),
         num_rounds=1,
         local_steps=1,
         per_device_train_batch_size=physical,
@@ -194,9 +204,7 @@ def logical(batch: int) -> dict:
         logging_strategy="no",
     )
     trainer = FederatedTrainer(model, args, train_dataset=[task.train], data_collator=task.collator)
-    examples = []
-    backward = trainer._backward_batch
-    trainer._backward_batch = lambda d, i, s=1.0: examples.append(len(i)) or backward(d, i, s)
+    counter = ForwardCounter(trainer.model)  # one training forward per micro-batch, with its examples
     before = peak_mib()
     started = time.perf_counter()
     trainer.train()
@@ -204,10 +212,10 @@ def logical(batch: int) -> dict:
     return {
         "logical_batch": batch,
         "physical_batch": physical,
-        "micro_batches": len(examples),
-        "examples": sum(examples),
+        "micro_batches": counter.batches,
+        "examples": counter.examples,
         "step_seconds": seconds,
-        "examples_per_second": sum(examples) / seconds,
+        "examples_per_second": counter.examples / seconds,
         "peak_mib_before_training": before,
         "peak_mib": peak_mib(),
     }

@@ -51,14 +51,13 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from hf_fedlora import FederatedTrainer, FederatedTrainingArguments
-from hf_fedlora.cli import (
+from hf_fedlora.comparison import DEFAULT_LEARNING_RATES, local_steps_per_sub_round, recipe_settings
+from hf_fedlora.demo_task import (
     MINILM_RECIPE_LAYERS,
-    DemoArguments,
     compute_classification_metrics,
     load_tweet_task,
     minilm_classifier,
 )
-from hf_fedlora.comparison import DEFAULT_LEARNING_RATES, local_steps_per_sub_round, recipe_settings
 from hf_fedlora.methods import CONFIG_CLASSES
 
 CEILING = "centralised"  # the pseudo-method name of the centralised non-private LoRA ceiling
@@ -197,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     args.name = args.name or ("utility_quick" if args.quick else "utility")
     if args.physical_batch_size is None:
-        args.physical_batch_size = min(16, args.batch_size)  # fastest on 2 CPU cores (RESULTS.md, section 9)
+        args.physical_batch_size = min(16, args.batch_size)  # fastest on 2 CPU cores (RESULTS.md#micro-batch)
     if args.batch_size % args.physical_batch_size:
         parser.error(f"--physical_batch_size {args.physical_batch_size} must divide --batch_size {args.batch_size}")
     if None in args.lora_layers:
@@ -547,10 +546,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(cells)} cells, {len(todo)} to run; {settings['examples_per_run']} examples per run")
 
     if todo:
-        demo = DemoArguments(
-            max_length=args.max_length, max_train_examples=args.max_train, max_eval_examples=args.max_eval
+        task = load_tweet_task(
+            args.data_seed,
+            max_length=args.max_length,
+            max_train_examples=args.max_train,
+            max_eval_examples=args.max_eval,
         )
-        task = load_tweet_task(demo, seed=args.data_seed)
         print(f"{len(task[1])} training tweets, {len(task[2])} test tweets")
 
     started = time.perf_counter()

@@ -33,25 +33,22 @@ from .comparison import (
     method_names,
     recipe_settings,
 )
+from .demo_task import (
+    MINILM_HUB_ID,
+    MINILM_LAYERS,
+    MINILM_RECIPE_LAYERS,
+    compute_classification_metrics,
+    estimate_seconds,
+    load_tweet_task,
+    machine_speed,
+    minilm_classifier,
+    upload_counting_trainer,
+)
 from .hub import format_delta, format_epsilon
 from .training_args import FederatedTrainingArguments
 
-MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DEMO_EPSILON = 8.0  # the demo's target when no budget is given
 DEMO_METHOD = "ffa_lora"
-MINILM_LAYERS = 6
-MINILM_RECIPE_LAYERS = (3, 4, 5)  # benchmarks/RESULTS.md, section 13
-
-# Rough cost model for the first screen's estimate, refitted 2026-11-24 on the 2-core CPU machine (2 torch threads,
-# otherwise idle) from a whole default `--compare` run (logical batch 96 in micro-batches of 16, LoRA on layers
-# 3-5, dropout off, 8 clients, five methods: 206-241 s each, 1,099 s in all, first evaluation x0.6 of the
-# reference): ~0.0156 s per DP training example at the reference speed, ~0.009 s per evaluated tweet, ~2 s of PRV
-# calibration per client (neither measured apart), all scaled by this machine's first evaluation. That scale
-# varied from x0.6 to x0.9 between runs on the same idle machine: the estimate's main error. Not measured per
-# method. Refit from the seconds in results.json.
-SECONDS_PER_EVAL_EXAMPLE = 0.009
-SECONDS_PER_TRAIN_EXAMPLE = 0.0156
-SECONDS_PER_CALIBRATION = 2.0
 
 
 @dataclass
@@ -110,11 +107,11 @@ class DemoTrainingArguments(FederatedTrainingArguments):
     """The demo's defaults: 8 Dirichlet(0.5) clients under (8, 1e-6)-DP per example, minutes on 2 cores.
 
     The recipe (logical batch 96, 6 rounds x 4 local steps, LoRA on MiniLM's last three layers, dropout off) was
-    chosen on validation tweets carved from the training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md,
-    sections 11 and 13). LoRA on layers 3-5 only scored as LoRA on all six at logical batch 64, ~30% faster (no
-    backward pass through layers 0-2); the time saved buys the larger batch, so a run takes as long as the batch-64
-    recipe did. The logical batch runs in micro-batches of 16, sorted by length: the same noisy step as one batch
-    of 96, with less padding and smaller activations (benchmarks/RESULTS.md, section 9).
+    chosen on validation tweets carved from the training split (benchmarks/lr_sweep.py; benchmarks/RESULTS.md#recipe,
+    benchmarks/HISTORY.md#recipe-b64 and #recipe-b96). LoRA on layers 3-5 only scored as LoRA on all six at logical
+    batch 64, ~30% faster (no backward pass through layers 0-2); the time saved buys the larger batch, so a run takes
+    as long as the batch-64 recipe did. The logical batch runs in micro-batches of 16, sorted by length: the same
+    noisy step as one batch of 96, with less padding and smaller activations (benchmarks/RESULTS.md#micro-batch).
     """
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Results, plots and one adapter per method."})
@@ -307,80 +304,6 @@ class RoundProgress(TrainerCallback):
             self.pending = {}
 
 
-def compute_classification_metrics(prediction) -> dict[str, float]:
-    from sklearn.metrics import f1_score
-
-    predicted = np.argmax(prediction.predictions, axis=-1)
-    return {
-        "accuracy": float((predicted == prediction.label_ids).mean()),
-        "macro_f1": float(f1_score(prediction.label_ids, predicted, average="macro")),
-    }
-
-
-def load_tweet_task(demo: DemoArguments, seed: int):
-    """The offline tweets, tokenized for MiniLM: (tokenizer, train, test)."""
-    from transformers import AutoTokenizer
-
-    from .offline_assets import load_tweet_sentiment, minilm_path
-
-    tweets = load_tweet_sentiment(seed=seed, max_examples=None)
-    train, test = tweets["train"], tweets["test"]
-    if demo.max_train_examples is not None:
-        train = train.shuffle(seed=seed).select(range(min(demo.max_train_examples, len(train))))
-    test = test.shuffle(seed=seed).select(range(min(demo.max_eval_examples, len(test))))
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-
-    def tokenize(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=demo.max_length)
-
-    train = train.map(tokenize, batched=True, remove_columns=["text"])
-    test = test.map(tokenize, batched=True, remove_columns=["text"])
-    # Shortest first: evaluation batches pad to their own longest tweet (accuracy does not depend on the order).
-    test = test.select(np.argsort([len(ids) for ids in test["input_ids"]], kind="stable"))
-    return tokenizer, train, test
-
-
-def minilm_classifier(dropout: float | None = None, pooling: str = "mean"):
-    """The offline all-MiniLM-L6-v2 with a fresh 3-way sentiment head; `dropout` overrides the checkpoint's 0.1.
-
-    `pooling`: "mean" (the head reads the masked mean over tokens, as the checkpoint was trained) or "pooler"
-    (BertForSequenceClassification, whose head reads BERT's pooler).
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    from .models import BertMeanPoolingForSequenceClassification
-    from .offline_assets import TWEET_SENTIMENT_LABELS, minilm_path
-
-    classes = {"mean": BertMeanPoolingForSequenceClassification, "pooler": AutoModelForSequenceClassification}
-    if pooling not in classes:
-        raise ValueError(f"pooling must be one of {sorted(classes)}, got {pooling!r}")
-    return classes[pooling].from_pretrained(
-        minilm_path(),
-        num_labels=len(TWEET_SENTIMENT_LABELS),
-        id2label=dict(enumerate(TWEET_SENTIMENT_LABELS)),
-        label2id={label: i for i, label in enumerate(TWEET_SENTIMENT_LABELS)},
-        **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}),
-    )
-
-
-def _upload_counting_trainer():
-    """FederatedTrainer that adds up the bytes each client releases (the public `local_round`'s return)."""
-    from .trainer import FederatedTrainer
-
-    class UploadCountingTrainer(FederatedTrainer):
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.uploaded_bytes = dict.fromkeys(self.client_datasets, 0)
-
-        def local_round(self, name, round_index, sub_round, steps):
-            upload, losses = super().local_round(name, round_index, sub_round, steps)
-            if upload is not None:
-                self.uploaded_bytes[name] += sum(t.numel() * t.element_size() for t in upload.values())
-            return upload, losses
-
-    return UploadCountingTrainer
-
-
 def _run_folder(output_dir: str, method: str, budget: float | None, several_budgets: bool) -> str:
     if not several_budgets:
         return str(Path(output_dir) / method)
@@ -400,9 +323,11 @@ def _estimate_seconds(plan: DemoPlan, args: DemoTrainingArguments, clients: int,
         private = budget is not None or args.dp_noise_multiplier is not None
         for method in plan.methods:
             steps = args.num_rounds * plan.sub_rounds[method] * plan.steps_per_sub_round[method] * clients
-            total += steps * _logical_batch(args) * SECONDS_PER_TRAIN_EXAMPLE
-            total += (args.num_rounds + 1) * eval_examples * SECONDS_PER_EVAL_EXAMPLE
-            total += clients * SECONDS_PER_CALIBRATION if budget is not None and private else 0.0
+            total += estimate_seconds(
+                training_examples=steps * _logical_batch(args),
+                evaluated_examples=(args.num_rounds + 1) * eval_examples,
+                calibrations=clients if budget is not None and private else 0,
+            )
     return total
 
 
@@ -447,8 +372,13 @@ def _run_plan(demo: DemoArguments, args: DemoTrainingArguments, plan: DemoPlan, 
     from .methods import config_class_for
 
     started = time.time()
-    tokenizer, train, test = load_tweet_task(demo, seed=args.seed)
-    trainer_cls = _upload_counting_trainer()
+    tokenizer, train, test = load_tweet_task(
+        args.seed,
+        max_length=demo.max_length,
+        max_train_examples=demo.max_train_examples,
+        max_eval_examples=demo.max_eval_examples,
+    )
+    trainer_cls = upload_counting_trainer()
     several = len(plan.budgets) > 1
     rows: list[dict[str, Any]] = []
     clients: dict[str, int] | None = None
@@ -622,7 +552,7 @@ def _privacy_text(args, plan: DemoPlan) -> str:
 
 def _print_estimate(plan: DemoPlan, args, clients: int, eval_examples: int, eval_seconds: float) -> None:
     reference = _estimate_seconds(plan, args, clients, eval_examples)
-    speed = eval_seconds / max(eval_examples * SECONDS_PER_EVAL_EXAMPLE, 1e-9)  # > 1: slower than the reference
+    speed = machine_speed(eval_seconds, eval_examples)
     runs = len(plan.methods) * len(plan.budgets)
     print(
         f"  estimated time: about {_minutes(reference * speed)} for {runs} run{'s' if runs > 1 else ''} "

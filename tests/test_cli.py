@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from toy_method import TOY_CITATION, registered_toy
 
-from hf_fedlora import FederatedTrainingArguments, cli
+from hf_fedlora import FederatedTrainingArguments, cli, demo_task
 from hf_fedlora.comparison import DEFAULT_LEARNING_RATES, method_names
 from hf_fedlora.hub import format_delta, format_epsilon
 
@@ -179,7 +179,7 @@ def test_the_recipe_trains_minilm_without_dropout_and_the_flag_restores_it(tmp_p
         built.append(minilm_classifier(*args, **kwargs))
         return built[-1]
 
-    minilm_classifier = cli.minilm_classifier
+    minilm_classifier = demo_task.minilm_classifier
     monkeypatch.setattr(cli, "minilm_classifier", recording_classifier)
     cli.run_demo([*FAST, *flags, "--method", "ffa_lora", "--output_dir", str(tmp_path)])
     assert len(built) == 1
@@ -221,6 +221,6 @@ def test_the_recipe_puts_lora_on_the_last_three_layers_and_plain_peft_loads_it(t
     saved = {int(name.split("layer.")[1].split(".")[0]) for name in load_file(str(folder / "adapter_model.safetensors"))
              if "lora_" in name}  # fmt: skip
     assert saved == set(expected)
-    loaded = PeftModel.from_pretrained(cli.minilm_classifier(), str(folder))
+    loaded = PeftModel.from_pretrained(demo_task.minilm_classifier(), str(folder))
     adapted = {int(name.split("layer.")[1].split(".")[0]) for name, _ in loaded.named_parameters() if "lora_B" in name}
     assert adapted == set(expected)

@@ -72,7 +72,7 @@ def minilm_tweets(run_config: Mapping[str, Any]) -> FlowerTask:
     """
     from transformers import AutoTokenizer
 
-    from ..cli import minilm_classifier
+    from ..demo_task import minilm_classifier
     from ..offline_assets import load_tweet_sentiment, minilm_path
 
     seed = int(run_config.get("seed", 42))

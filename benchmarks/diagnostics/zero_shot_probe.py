@@ -2,17 +2,23 @@
 
 Scores, on the 500 validation tweets lr_sweep.py carves from the training split, the zero-shot rule "the label
 whose name's frozen MiniLM feature is nearest (cosine) to the tweet's", for the pooler, [CLS] and token-mean
-features, with the bare names and with "This tweet is <name>.". RESULTS.md, section 13: near the majority class
-with the pooler that BertForSequenceClassification's head reads, so the idea was not pursued.
+features, with the bare names and with "This tweet is <name>.". benchmarks/RESULTS.md#zero-shot-probe: near the
+majority class with the pooler that BertForSequenceClassification's head reads, so the idea was not pursued.
 
-    .venv/bin/python benchmarks/zero_shot_probe.py     # ~1 min
+    .venv/bin/python benchmarks/diagnostics/zero_shot_probe.py     # ~1 min
 """
 
 from __future__ import annotations
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on sys.path: common.py)
+
+# isort: split
+
 from common import format_table, quiet, write_results
 
 # isort: split
+
+import argparse
 
 import numpy as np
 import torch
@@ -21,15 +27,17 @@ from frozen_probe import features
 from sklearn.metrics import f1_score
 from transformers import AutoModel, DataCollatorWithPadding
 
-from hf_fedlora.cli import DemoArguments, load_tweet_task
+from hf_fedlora.demo_task import load_tweet_task
 from hf_fedlora.offline_assets import TWEET_SENTIMENT_LABELS, minilm_path
 
 VALIDATION_SIZE, DATA_SEED = 500, 0  # lr_sweep.py's split
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)  # no options: --help only
     quiet()
-    tokenizer, train, _ = load_tweet_task(DemoArguments(max_length=48, max_eval_examples=1), seed=DATA_SEED)
+    tokenizer, train, _ = load_tweet_task(DATA_SEED, max_length=48, max_eval_examples=1)
     split = train.train_test_split(test_size=VALIDATION_SIZE, seed=DATA_SEED, stratify_by_column="label")
     validation = split["test"]
     model = AutoModel.from_pretrained(minilm_path()).eval()

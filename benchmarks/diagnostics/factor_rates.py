@@ -5,16 +5,23 @@ Asks whether the recipe's one rate for both is what holds FFA-LoRA back: `--scal
 head. `--b_from_round 2` trains the head alone in rounds 1-2 and lora_B with it from round 3 on (linear probing
 then fine-tuning, LP-FT, inside the same steps and privacy budget). It patches `FFALoraMethod.learning_rate_scale`
 (the hook LA-LoRA's and FFA-LoRA's lr_ratio_b use; `--scale_b 0.1` is what FFALoraConfig(lr_ratio_b=0.1), the
-recipe since session 10, does) for this process only and runs benchmarks/lr_sweep.py, whose flags pass
-through (validation split, recipe defaults). `--score_on test` runs utility.py instead (its flags; the test tweets),
-for the verdict on a setting already chosen on validation. RESULTS.md, sections 13-15.
+recipe's setting, does; the patch replaces lr_ratio_b, so `--scale_b` is lora_B's ratio whatever the config says)
+for this process only and runs benchmarks/lr_sweep.py, whose flags pass through (validation split, recipe
+defaults). `--score_on test` runs utility.py instead (its flags; the test tweets), for the verdict on a setting
+already chosen on validation. Its runs: benchmarks/HISTORY.md#recipe-b96, #where-accuracy-is-lost and
+#head-input-search.
 
-    .venv/bin/python benchmarks/factor_rates.py --scale_b 0.1 --methods ffa_lora --rates 5e-2 --name factor_b0.1
+    .venv/bin/python benchmarks/diagnostics/factor_rates.py --scale_b 0.1 --methods ffa_lora --rates 5e-2 \
+        --name factor_b0.1
 """
 
 from __future__ import annotations
 
 import argparse
+
+import benchmarks_path  # noqa: F401  (benchmarks/ on sys.path: lr_sweep.py, utility.py)
+
+# isort: split
 
 import lr_sweep
 import utility

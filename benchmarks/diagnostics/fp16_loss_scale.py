@@ -11,14 +11,20 @@ in float32. Two model states: the fresh head (predictions near uniform) and the 
 
 CPU autocast stands in for a GPU's fp16 here (the arithmetic is IEEE fp16 either way; no GPU was lent).
 
-    .venv/bin/python benchmarks/fp16_loss_scale.py      # ~9 min on 2 cores (fp16 on this CPU is slow)
+    .venv/bin/python benchmarks/diagnostics/fp16_loss_scale.py      # ~9 min on 2 cores (fp16 on this CPU is slow)
 """
 
 from __future__ import annotations
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on sys.path: common.py)
+
+# isort: split
+
 from common import ffa_lora_recipe_model, format_table, quiet, write_results
 
 # isort: split
+
+import argparse
 
 import numpy as np
 import torch
@@ -67,7 +73,9 @@ def compare(model, batches) -> list[list]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)  # no options: --help only
     quiet()
     tokenizer, train, model = ffa_lora_recipe_model(train_examples=EXAMPLES)
     hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=True)

@@ -9,12 +9,16 @@ and then simulates the recipe for a linear head on each feature: the trainer's D
 same tweets into 8 clients, Poisson batches of expected size 96, per-example clipping to 1, Gaussian noise at each
 client's calibrated noise multiplier for (8, 1e-6) over 24 steps (PRV, as the trainer plans), Adam with fresh state
 every client-round, FedAvg weighted by client size, 6 rounds x 4 local steps. It is a model of the head only (no
-LoRA, no backbone), in numpy-sized torch, checked against the real head-only runs (RESULTS.md, section 15).
+LoRA, no backbone), in numpy-sized torch, checked against the real head-only runs (benchmarks/RESULTS.md#head-input).
 
-    .venv/bin/python benchmarks/head_conditioning.py     # ~9 min on 2 CPU cores, most of it feature extraction
+    .venv/bin/python benchmarks/diagnostics/head_conditioning.py  # ~9 min on 2 CPU cores, mostly feature extraction
 """
 
 from __future__ import annotations
+
+import benchmarks_path  # noqa: F401  (benchmarks/ on sys.path: common.py)
+
+# isort: split
 
 from common import format_table, quiet, write_results
 
@@ -28,7 +32,7 @@ from frozen_probe import features
 from sklearn.linear_model import LogisticRegression
 from transformers import AutoModel, DataCollatorWithPadding
 
-from hf_fedlora.cli import DemoArguments, load_tweet_task
+from hf_fedlora.demo_task import load_tweet_task
 from hf_fedlora.federation.partition import partition_dataset
 from hf_fedlora.offline_assets import minilm_path
 from hf_fedlora.privacy.calibration import calibrate_noise_multiplier
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     torch.manual_seed(0)
 
-    tokenizer, train, _test = load_tweet_task(DemoArguments(max_length=48, max_eval_examples=1), seed=0)
+    tokenizer, train, _test = load_tweet_task(0, max_length=48, max_eval_examples=1)
     split = train.train_test_split(test_size=args.validation_size, seed=0, stratify_by_column="label")
     train, validation = split["train"], split["test"]
     model = AutoModel.from_pretrained(minilm_path()).eval()

@@ -2,19 +2,26 @@
 
 Under flat clipping every example's gradient (all trained tensors together) is clipped to C and isotropic noise of
 std sigma x C is added, so a tensor whose gradient is small next to the others' gets a small share of the signal
-and the same noise. This prints, for FFA-LoRA at section 14's recipe (MiniLM as BertForSequenceClassification,
+and the same noise. This prints, for FFA-LoRA at the recipe of that time (MiniLM as BertForSequenceClassification,
 r=8 on query/value of layers 3-5, a fresh head on the pooler, dropout off), the median and 10th/90th percentiles
-of each tensor kind's per-example gradient norm over training tweets, before any step. RESULTS.md, section 14: the
-head's is ~25x lora_B's, which is what `dp_clipping="per_layer"` was tried against.
+of each tensor kind's per-example gradient norm over training tweets, before any step.
+benchmarks/RESULTS.md#per-layer-clipping: the head's is ~25x lora_B's, which is what `dp_clipping="per_layer"` was
+tried against.
 
-    .venv/bin/python benchmarks/gradient_norms.py      # ~20 s
+    .venv/bin/python benchmarks/diagnostics/gradient_norms.py      # ~20 s
 """
 
 from __future__ import annotations
 
+import benchmarks_path  # noqa: F401  (benchmarks/ on sys.path: common.py)
+
+# isort: split
+
 from common import ffa_lora_recipe_model, format_table, quiet, write_results
 
 # isort: split
+
+import argparse
 
 import numpy as np
 import torch
@@ -24,9 +31,11 @@ from hf_fedlora.federation.adapter_state import factor_of
 EXAMPLES = 64
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)  # no options: --help only
     quiet()
-    # Section 14 measured the model of its time, BertForSequenceClassification (the head reads the pooler).
+    # The measurement was of the model of its time, BertForSequenceClassification (the head reads the pooler).
     _tokenizer, train, model = ffa_lora_recipe_model(train_examples=2000, pooling="pooler")
     norms: dict[str, list[float]] = {}
     for index in range(EXAMPLES):

@@ -7,10 +7,14 @@ features of MiniLM (BERT's pooler output, which BertForSequenceClassification's 
 mean over tokens, how all-MiniLM-L6-v2 was trained) for `--train_examples` training tweets, and scores it on the
 demo's 1000 test tweets (the same selection: `load_tweet_task` with the demo's seed).
 
-    .venv/bin/python benchmarks/frozen_probe.py        # ~2 min on 2 CPU cores; writes results/frozen_probe.json
+    .venv/bin/python benchmarks/diagnostics/frozen_probe.py   # ~2 min on 2 CPU cores; writes results/frozen_probe.json
 """
 
 from __future__ import annotations
+
+import benchmarks_path  # noqa: F401  (benchmarks/ on sys.path: common.py)
+
+# isort: split
 
 from common import format_table, quiet, write_results
 
@@ -24,7 +28,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from transformers import AutoModel, DataCollatorWithPadding
 
-from hf_fedlora.cli import DemoArguments, DemoTrainingArguments, load_tweet_task
+from hf_fedlora.cli import DemoArguments, DemoTrainingArguments
+from hf_fedlora.demo_task import load_tweet_task
 from hf_fedlora.offline_assets import minilm_path
 
 
@@ -50,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--regularisation", type=float, nargs="+", default=[0.1, 1.0, 10.0], help="Inverse C.")
     args = parser.parse_args(argv)
     quiet()
-    seed = DemoTrainingArguments().seed  # the demo's seed: the same test tweets as its table
-    tokenizer, train, test = load_tweet_task(DemoArguments(), seed=seed)
+    demo, seed = DemoArguments(), DemoTrainingArguments().seed  # the demo's: the same test tweets as its table
+    tokenizer, train, test = load_tweet_task(seed, max_length=demo.max_length, max_eval_examples=demo.max_eval_examples)
     train = train.shuffle(seed=0).select(range(min(args.train_examples, len(train))))
     model = AutoModel.from_pretrained(minilm_path()).eval()
     collator = DataCollatorWithPadding(tokenizer)
