@@ -139,7 +139,8 @@ def rounds(num_clients: int, logging_steps: int = 1, model: str = "tiny") -> dic
     trainer = FederatedTrainer(peft_model, args, train_dataset=clients, data_collator=task.collator)
     setup_seconds = time.perf_counter() - started
     timings: dict[str, list[float]] = {"client": [], "round": [], "log": []}
-    local_round, run_round, log_round = trainer.local_round, trainer._run_round, trainer._log_round
+    federation = trainer.federation  # the server half: its round, and the epsilon the log asks it for
+    local_round, run_round, log_round = trainer.local_round, federation.run_round, federation.max_epsilon
 
     def timed(key, function):
         def wrapper(*a, **k):
@@ -151,13 +152,22 @@ def rounds(num_clients: int, logging_steps: int = 1, model: str = "tiny") -> dic
         return wrapper
 
     trainer.local_round = timed("client", local_round)
-    trainer._run_round = timed("round", run_round)
-    trainer._log_round = timed("log", log_round)
+    federation.run_round = timed("round", run_round)
+    logged: dict[int, float] = {}
+
+    def timed_log():  # the epsilon of the round just run, whenever the trainer asks for it
+        begin = time.perf_counter()
+        result = log_round()
+        logged[federation.rounds_done] = logged.get(federation.rounds_done, 0.0) + time.perf_counter() - begin
+        return result
+
+    federation.max_epsilon = timed_log
     started = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - started
     per_round = min(10, num_clients)
     client = [sum(timings["client"][i * per_round : (i + 1) * per_round]) for i in range(num_rounds)]
+    timings["log"] = [logged.get(r + 1, 0.0) for r in range(len(timings["round"]))]
     total = [r + g for r, g in zip(timings["round"], timings["log"], strict=True)]
     overhead = [t - c for t, c in zip(total, client, strict=True)]
     return {

@@ -59,6 +59,12 @@ _DP_SGD_CITATION = """@inproceedings{abadi2016deep,
   pages     = {308--318},
   year      = {2016}
 }"""
+_DP_FEDAVG_CITATION = """@inproceedings{mcmahan2018learning,
+  title     = {Learning Differentially Private Recurrent Language Models},
+  author    = {McMahan, H. Brendan and Ramage, Daniel and Talwar, Kunal and Zhang, Li},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2018}
+}"""
 
 
 # ----------------------------------------------------------------------------------------
@@ -239,7 +245,7 @@ def _template_context(
         target_modules = ", ".join(f"`{m}`" for m in target_modules)
     citations = [citation] if citation else []
     if private:
-        citations.append(_DP_SGD_CITATION)
+        citations.append(_DP_FEDAVG_CITATION if privacy.get("unit") == "client" else _DP_SGD_CITATION)
     citations.append(_library_citation())
     return {
         "private": private,

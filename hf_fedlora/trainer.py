@@ -38,7 +38,13 @@ from .federation.partition import DEFAULT_LABEL_COLUMNS, label_histogram, partit
 from .hub import CARD_NAME, FEDERATED_RECORD_NAME, model_record, save_model_card, upload_files
 from .lr_schedule import learning_rate_factor
 from .methods import FedLoraConfig
-from .privacy import PerExampleGradients, check_no_batch_statistics, check_supported
+from .privacy import (
+    PerExampleGradients,
+    check_dp_trainable,
+    check_no_batch_statistics,
+    check_supported,
+    check_trainable_is_federated,
+)
 from .privacy.client_level import ClientLevelPrivacy
 from .privacy.modes import client_round_privacy, privacy_from_args, server_accounts
 from .privacy.secret_store import SecretStore, new_run_id
@@ -77,7 +83,9 @@ class FederatedTrainer(Trainer):
         self._adapter = adapter_parameters(self.model)
         self.privacy = privacy_from_args(args)
         _check_data(self.model, config, self.client_datasets, self.eval_dataset, args.label_column)
+        check_trainable_is_federated(self.model)
         if self._per_example_dp:
+            check_dp_trainable(self.model)
             check_supported(self.model, set(self._adapter))
             check_no_batch_statistics(self.model)
         self.continued_from = self._continue_from(config)
@@ -637,9 +645,8 @@ class FederatedTrainer(Trainer):
             record["label_proportions"] = args.parsed_label_proportions()
         if args.partition == "column":
             record["client_column"] = args.client_column
-        if self._partition_draws is not None:
-            record["min_size"] = args.partition_min_size
-            record["draws"] = self._partition_draws
+        record["min_size"] = args.partition_min_size
+        record["draws"] = self._partition_draws
         return record
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -823,8 +830,9 @@ def _clients_from(
             dirichlet_alpha=args.dirichlet_alpha,
             label_proportions=args.parsed_label_proportions(),
             client_column=args.client_column,
+            min_partition_size=args.partition_min_size,
         )
-        clients, given, draws = dict(partition), False, getattr(partition, "draws", None)
+        clients, given, draws = dict(partition), False, partition.draws
     elif isinstance(train_dataset, Mapping):
         clients = {str(name): data for name, data in train_dataset.items()}
         given = True

@@ -186,7 +186,7 @@ class FederatedTrainingArguments(TrainingArguments):
             "before backward (so small gradients do not underflow in fp16) and each example's gradient is divided "
             "by, in float32, before its norm. Fixed and public, not GradScaler's: a scale that adapts to overflows "
             "would depend on secret examples. An example whose gradient overflows contributes zero, unobserved "
-            "(benchmarks/RESULTS.md, section 17: 256 loses nothing on MiniLM; 65536 drops most examples once the "
+            "(benchmarks/RESULTS.md#fp16-loss-scale: 256 loses nothing on MiniLM; 65536 drops most examples once the "
             "head is confident). Without DP, or under the client unit, fp16 uses a fresh GradScaler per client round."
         },
     )

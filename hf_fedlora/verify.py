@@ -102,23 +102,26 @@ class VerificationReport:
 # ----------------------------------------------------------------------------------------
 # The independent accountant
 # ----------------------------------------------------------------------------------------
-def independent_epsilon(history: Sequence[Sequence[float]], delta: float) -> float:
+def independent_epsilon(history: Sequence[Sequence[float]], delta: float, relation: str = "add_or_remove_one") -> float:
     """Epsilon of a (noise multiplier, sample rate, steps) history with dp_accounting's PLD accountant.
 
-    Each entry is `steps` Poisson-subsampled Gaussian steps (a plain Gaussian when q == 1), under
-    add-or-remove-one neighbours, as Opacus accounts DP-SGD. Cached: PLD takes about a second per history.
+    Each entry is `steps` Poisson-subsampled Gaussian steps (a plain Gaussian when q == 1), under add-or-remove-one
+    neighbours, as Opacus accounts DP-SGD; or under replace-one (client-level DP with a public client list: the
+    Gaussian at sensitivity twice the clip norm). Cached: PLD takes about a second per history.
     """
-    return _pld_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
+    return _pld_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta), relation)
 
 
 @functools.lru_cache(maxsize=1024)
-def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, relation: str) -> float:
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
 
-    accountant = pld_privacy_accountant.PLDAccountant(
-        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=PLD_DISCRETIZATION
-    )
+    neighbours = {
+        "add_or_remove_one": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE,
+    }[relation]
+    accountant = pld_privacy_accountant.PLDAccountant(neighbours, value_discretization_interval=PLD_DISCRETIZATION)
     for sigma, rate, steps in history:
         if steps == 0 or rate == 0:
             continue  # nothing released, nothing spent
@@ -226,7 +229,16 @@ def _read_card(text: str) -> dict[str, Any]:
         "says_no_guarantee": _NO_GUARANTEE in text.lower(),
         "says_seeded": _SEEDED in text,
         "clients": _client_table(text),
+        "relation": _card_relation(text),
     }
+
+
+def _card_relation(text: str) -> str | None:
+    """The neighbouring relation a client-level card states, if any."""
+    for key, words in RELATIONS.items():
+        if f"neighbouring relation: {words}" in text:
+            return key
+    return None
 
 
 def _client_table(text: str) -> dict[str, dict[str, str]]:
@@ -275,6 +287,9 @@ def _verify_private(report: VerificationReport, record: Mapping[str, Any], priva
         return
     if not _is_number(epsilon) or math.isnan(epsilon):
         problems.append(Problem("record-malformed", f"privacy.epsilon must be a number, got {epsilon!r}"))
+        return
+    if unit == "client":
+        _verify_client_level(report, record, privacy)
         return
     clients = privacy.get("clients")
     if not isinstance(clients, Mapping) or not clients:
@@ -394,6 +409,10 @@ def _verify_card_against_private_record(
         )
 
     table = card["clients"]
+    if unit == "client":  # one mechanism for the federation: no per-client table to check (there must be none)
+        if table:
+            problems.append(Problem("card-client-mismatch", "a client-level card lists clients"))
+        return
     if not table:
         problems.append(Problem("card-client-mismatch", "the card has no per-client privacy table"))
         return
@@ -433,6 +452,108 @@ def _verify_card_against_private_record(
                         f"client {name!r}: the card shows {key} {row.get(key)!r}, the record {recorded!r}",
                     )
                 )
+
+
+# ----------------------------------------------------------------------------------------
+# Client-level DP (DP-FedAvg): one history for the federation, nothing about who took part
+# ----------------------------------------------------------------------------------------
+RELATIONS = {"add_or_remove_one": "add or remove one client", "replace_one": "replace one client"}
+# What a client-level record must never hold: it would say which clients there are or who took part.
+_PARTICIPATION_KEYS = ("client_sizes", "schedule", "steps_per_round", "failed_clients")
+
+
+def _verify_client_level(report: VerificationReport, record: Mapping[str, Any], privacy: Mapping[str, Any]) -> None:
+    """The federation's one history re-derived independently under its neighbouring relation; q against the
+    expected count and the population; nothing published about who took part; the card against the record."""
+    problems = report.problems
+    relation = privacy.get("neighbouring_relation")
+    report.record_claim["neighbouring_relation"] = relation
+    if relation not in RELATIONS:
+        problems.append(
+            Problem("record-malformed", f"privacy.neighbouring_relation is {relation!r}; expected {sorted(RELATIONS)}")
+        )
+        return
+    history = _history({"epsilon": privacy["epsilon"], "history": privacy.get("history")})
+    if history is None or not history:
+        problems.append(Problem("record-malformed", "privacy.history must be a list of [sigma, q, rounds] entries"))
+        return
+    rounds = sum(n for _, _, n in history)
+    if privacy.get("rounds") != rounds:
+        problems.append(
+            Problem(
+                "record-steps-mismatch", f"privacy.rounds = {privacy.get('rounds')!r}, its history sums to {rounds}"
+            )
+        )
+    ran = record.get("rounds")
+    continued = isinstance(record.get("continued_from"), Mapping) and not record["continued_from"].get(
+        "new_privacy_budget"
+    )
+    if not _is_int(ran) or (rounds != ran if not continued else rounds < ran):
+        problems.append(
+            Problem(
+                "record-steps-off-schedule",
+                f"the run ran {ran!r} rounds but its privacy history accounts {rounds}: every round is one step",
+            )
+        )
+    expected, population = privacy.get("expected_clients_per_round"), record.get("num_clients")
+    rate = privacy.get("sample_rate")
+    if not (_is_number(expected) and _is_int(population) and population > 0 and _is_number(rate)):
+        problems.append(
+            Problem("record-malformed", "a client-level record needs num_clients, sample_rate and the expected count")
+        )
+    else:
+        this_run = history[-1:] if continued else history
+        if not math.isclose(rate, expected / population, rel_tol=1e-9) or any(
+            not math.isclose(q, rate, rel_tol=1e-9) for _, q, _ in this_run
+        ):
+            problems.append(
+                Problem(
+                    "record-sample-rate-mismatch",
+                    f"the client rate must be the expected count over the population, {expected}/{population}; the "
+                    f"record says {rate} and its history {[q for _, q, _ in this_run]}",
+                )
+            )
+        if relation == "replace_one" and any(q != 1 for _, q, _ in history):
+            problems.append(
+                Problem("record-sample-rate-mismatch", "replace_one is accounted for full participation only (q = 1)")
+            )
+    if privacy.get("noise_multiplier") != history[-1][0]:
+        problems.append(
+            Problem(
+                "record-noise-mismatch",
+                f"privacy.noise_multiplier = {privacy.get('noise_multiplier')!r}, its history's last sigma is "
+                f"{history[-1][0]}",
+            )
+        )
+    leaked = [key for key in _PARTICIPATION_KEYS if record.get(key)]
+    leaked += ["privacy.clients"] if privacy.get("clients") else []
+    leaked += ["round_history[].clients"] if any("clients" in e for e in record.get("round_history") or []) else []
+    if leaked:
+        problems.append(
+            Problem(
+                "record-publishes-participants",
+                f"a client-level record publishes {', '.join(leaked)}: who took part (or how many) must stay secret",
+            )
+        )
+    independent = independent_epsilon(history, privacy["delta"], relation)
+    report.independent = {"federation": independent}
+    report.record_claim["clients"] = {"federation": privacy["epsilon"]}
+    if privacy["epsilon"] < independent - allowed_shortfall(independent, report.tolerance, report.relative_tolerance):
+        problems.append(
+            Problem(
+                "record-epsilon-below-independent",
+                f"privacy.epsilon = {privacy['epsilon']:.4f}, the independent PLD accountant ({relation}) gives "
+                f"{independent:.4f}",
+            )
+        )
+    _verify_card_against_private_record(report, {}, "client", privacy["delta"], privacy["epsilon"], independent)
+    if report.card_claim.get("relation") not in (None, relation):
+        problems.append(
+            Problem(
+                "card-relation-mismatch",
+                f"the card's neighbouring relation is {report.card_claim['relation']!r}; the record's is {relation!r}",
+            )
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -813,11 +934,15 @@ def _state_guarantee(report: VerificationReport, record: Mapping[str, Any], priv
             "weights and every update a client sent) by at most a factor e^ε, except with probability δ."
         )
     elif unit == "client":
+        replace = privacy.get("neighbouring_relation") == "replace_one"
+        change = "replacing all of one client's data by another's" if replace else "adding or removing one client"
         report.guarantee = (
-            f"{shown}-differential privacy for every client (unit: one client): adding or removing all of one "
-            "client's data changes the probability of any outcome of training by at most a factor e^ε, except "
-            "with probability δ."
+            f"{shown}-differential privacy for every client (unit: one client; neighbouring relation: "
+            f"{RELATIONS.get(privacy.get('neighbouring_relation'), '?')}): {change} changes the probability of any "
+            "outcome of training (the released adapter) by at most a factor e^ε, except with probability δ."
         )
+        _state_client_level(report, record, privacy)
+        return
     else:
         report.guarantee = f"No guarantee can be stated: the record's privacy unit {unit!r} is not understood."
         return
@@ -849,6 +974,27 @@ def _state_guarantee(report: VerificationReport, record: Mapping[str, Any], priv
             0,
             f"The DP randomness (batch sampling and noise) came from a user's secret seed: {_SEEDED}.",
         )
+    _state_continuation(report, record.get("continued_from"))
+
+
+def _state_client_level(report: VerificationReport, record: Mapping[str, Any], privacy: Mapping[str, Any]) -> None:
+    independent = report.independent.get("federation")
+    shown = f", independent ε = {independent:.4f}" if independent is not None else ""
+    report.covers = [
+        f"Every client's data as a whole, by the federation's one history (DP-FedAvg: each sampled client's update "
+        f"clipped, the noise added once to the sum, divided by a fixed expected count){shown}.",
+        "The released adapter weights and everything published with them (this record and card).",
+    ]
+    report.not_covered = [
+        "The aggregator: it saw the clipped updates before the noise (central DP).",
+        "Evaluation data: any evaluation metrics were computed on held-out data without noise.",
+        _GROUP_PRIVACY["client"],
+        "The base model and its pretraining data.",
+    ]
+    if record.get("unprotected_statistics_published"):
+        report.not_covered.insert(2, "Statistics published on request without noise (label histograms, losses).")
+    if report.record_claim.get("seeded"):
+        report.not_covered.insert(0, f"The DP randomness came from a user's secret seed: {_SEEDED}.")
     _state_continuation(report, record.get("continued_from"))
 
 
@@ -900,7 +1046,9 @@ def format_report(report: VerificationReport) -> str:
         lines.append(f"Card ({CARD_NAME}): claims no differential privacy")
     if report.independent:
         lines.append(
-            f"Independent accountant: Google dp_accounting, PLD (add-or-remove-one, Poisson-subsampled Gaussian, "
+            f"Independent accountant: Google dp_accounting, PLD "
+            f"({(report.record_claim.get('neighbouring_relation') or 'add_or_remove_one').replace('_', '-')}, "
+            "Poisson-subsampled Gaussian, "
             f"discretisation {PLD_DISCRETIZATION:g}). Tolerance: {_tolerance_text(report)}."
         )
         lines.append(f"  {'client':<16} {'record ε':>10} {'card ε':>8} {'independent ε':>14}")

@@ -37,7 +37,7 @@ class DefaultLearningRate:
 RECIPE_SWEEP = (
     "benchmarks/lr_sweep.py on validation tweets carved from the training split (recipe: 8 Dirichlet(0.5) clients, "
     "logical batch 96, 6 rounds x 4 local steps, LoRA on MiniLM's layers 3-5, dropout off, the head on the mean over "
-    "tokens, (8, 1e-6)-DP; seed 0; benchmarks/RESULTS.md, section 16)"
+    "tokens, (8, 1e-6)-DP; seed 0; benchmarks/RESULTS.md#learning-rates)"
 )
 
 

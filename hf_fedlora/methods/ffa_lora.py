@@ -6,7 +6,7 @@ term), and the LoRA upload is half of LoRA's (a task head is sent in full by bot
 Changing lora_alpha only rescales B's learning rate, so FFA-LoRA wants a larger
 learning rate than LoRA. `lr_ratio_b` sets B's rate apart from the head's: the head is a few thousand
 weights reading a good feature, B is tens of thousands, each step's DP noise spread over all of them, so B
-moving slower than the head can win (benchmarks/RESULTS.md, section 15).
+moving slower than the head can win (benchmarks/RESULTS.md#head-input).
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ class FFALoraMethod(FederatedMethod):
 }"""
     # B trains alone and lora_alpha only rescales B's rate, so FFA-LoRA needs a larger rate than LoRA
     # (docs/algorithms.md#ffa-lora); the recipe trains B at a tenth of it: val. acc. 0.677 over 0.651 at one rate,
-    # three seeds; test 0.676 over 0.628 (benchmarks/RESULTS.md, section 15).
+    # three seeds; test 0.676 over 0.628 (benchmarks/RESULTS.md#head-input).
     recipe_learning_rate = DefaultLearningRate(
-        5e-2, RECIPE_SWEEP + ", lora_B at 0.1x: 5e-2 (val. acc. 0.686; 0.677 over three seeds); section 15"
+        5e-2,
+        RECIPE_SWEEP
+        + ", lora_B at 0.1x: 5e-2 (val. acc. 0.686; 0.677 over three seeds); benchmarks/RESULTS.md#head-input",
     )
     recipe_settings = {"lr_ratio_b": 0.1}
 

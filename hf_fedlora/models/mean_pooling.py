@@ -3,7 +3,7 @@
 Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained so that the mean over a text's tokens is its
 representation; their pooler, tanh(dense([CLS])), was not. BertForSequenceClassification's head reads the pooler, a
 feature with two thirds of its energy in one direction shared by every text, so a fresh head learns the classes
-slowly under short noisy DP runs (benchmarks/RESULTS.md, section 15: 0.63 against 0.68 test accuracy on the tweets).
+slowly under short noisy DP runs (benchmarks/RESULTS.md#head-input: 0.63 against 0.68 test accuracy on the tweets).
 
 The parameter names are those of BertForSequenceClassification (`bert.*`, `classifier.*`; only the unused pooler
 is dropped), so a BERT checkpoint loads into it with `from_pretrained` and LoRA targets the same modules. An adapter

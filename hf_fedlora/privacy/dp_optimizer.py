@@ -11,7 +11,7 @@ norm at most C and the noise, accounting and guarantee are the flat ones. Why pe
 head's gradient is ~25x a LoRA factor's, so under flat clipping the factor gets ~4% of the clipped norm and
 its share of the released sum is mostly noise; per tensor, each gets an equal share (He et al., 2022). Not the
 default: on the tweets it cost FFA-LoRA 5-14 points, as the head that carries the accuracy then gets C/2, not ~C
-(benchmarks/RESULTS.md, section 14).
+(benchmarks/RESULTS.md#per-layer-clipping).
 
 Before clipping, each example's gradient is brought to float32 with the fp16 loss scale divided out, and an
 example whose gradient is not finite (an fp16 overflow) contributes zero instead of NaN; the step is taken and
