@@ -191,12 +191,14 @@ class Federation:
             aggregate = None
             streaming = self.method.streaming_aggregator()
             uploads, weights = [], []
-        failed = []
+        failed: dict[str, str] = {}
         progress = not self.secret_participation and not self.args.disable_tqdm
         releases = self.runner.run(active, round_index, sub_round, steps, self.global_state, progress)
         for name, release in releases:
             if isinstance(release, ClientFailure):
-                failed.append(name)
+                failed[name] = release.reason
+                if self.accounts is not None:
+                    self.accounts.failed(name, steps[name])
                 self._report_failure(round_index, name, release.reason)
                 continue
             if self.accounts is not None:
@@ -211,14 +213,14 @@ class Federation:
             else:
                 uploads.append(release.upload)
                 weights.append(self._weight(name))
-        self._check_enough_clients(round_index, participants, failed)
+        self._check_enough_clients(round_index, participants, active, failed)
         if aggregate is not None:
             self.global_state.update(aggregate.release(self.global_state, self.method.regulates_noise()))
         elif streaming is not None and streaming.count:
             self.global_state.update(streaming.result())
         elif uploads:
             self.global_state.update(self.method.aggregate(uploads, weights))
-        return failed
+        return list(failed)
 
     def _weight(self, name: str) -> float:
         if self.args.aggregation_weights == "uniform":
@@ -234,14 +236,17 @@ class Federation:
         if not self.secret_participation:  # under client-level DP even a failure says who took part
             logger.warning(f"Round {round_index + 1}: client {name!r} failed and is left out ({reason})")
 
-    def _check_enough_clients(self, round_index: int, participants: list[str], failed: list[str]) -> None:
-        """One rule for every transport: at least min(min_clients_per_round, participants) must finish."""
+    def _check_enough_clients(
+        self, round_index: int, participants: list[str], active: list[str], failed: Mapping[str, str]
+    ) -> None:
+        """One rule for every transport: at least min(min_clients_per_round, participants) must finish every
+        sub-round (a client that failed an earlier sub-round of the round is not active in the later ones)."""
         if not failed:
             return
-        finished = len(participants) - len(failed)
+        finished = len(active) - len(failed)
         required = min(self.args.min_clients_per_round, len(participants))
         if finished < required:
-            detail = "" if self.secret_participation else f" (failed: {failed})"
+            detail = "" if self.secret_participation else f" (failed: {dict(failed)})"
             raise RuntimeError(
                 f"Round {round_index + 1}: fewer than min_clients_per_round={self.args.min_clients_per_round} clients "
                 f"finished{detail}. The global adapter is the one after round {round_index}; the failed clients' spent "
@@ -260,9 +265,11 @@ class Federation:
         report = self.privacy_report()
         return float(report["epsilon"]) if report.get("epsilon") is not None else math.nan
 
-    def record(self) -> dict[str, Any]:
-        """The federation's part of the record: what ran, and what may be published about who ran it."""
+    def record(self, label_histograms: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+        """The federation's part of the record: what ran, and what may be published about who ran it. Label
+        histograms are computed without noise: under DP published only on request, listed as not covered."""
         args = self.args
+        publish = not self.private or bool(args.publish_unprotected_statistics)
         record: dict[str, Any] = {
             "rounds": self.rounds_done,
             "num_clients": len(self.clients),
@@ -282,7 +289,14 @@ class Federation:
                 schedule={str(r + 1): names for r, names in sorted(self.schedule.items()) if r < self.rounds_done},
                 failed_clients={str(r): names for r, names in self.failed.items()},
             )
-        record.update(privacy=self.privacy_report(), round_history=self.round_history)
+        if publish or not self.secret_participation:  # under client-level DP not even the key
+            record["client_label_histograms"] = dict(label_histograms or {}) if publish else {}
+        record.update(
+            unprotected_statistics_published=self.private and publish,
+            hyperparameter_selection=args.hyperparameter_selection,
+            privacy=self.privacy_report(),
+            round_history=self.round_history,
+        )
         return record
 
     # --- checkpoints ----------------------------------------------------------------------------

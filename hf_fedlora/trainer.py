@@ -617,22 +617,11 @@ class FederatedTrainer(Trainer):
     def federated_record(self) -> dict[str, Any]:
         """What was run: method, federation, partition and the privacy record (saved beside the adapter)."""
         config = _federated_config(self.model)
-        publish = self._publishes_unprotected
-        record = {**model_record(self.model, config), **self.federation.record()}
-        record.update(privacy=self.privacy_report(), partition=self._partition_record())
-        if publish or not self.federation.secret_participation:  # under client-level DP, not even the key
-            record["client_label_histograms"] = self.client_label_histograms if publish else {}
+        record = {**model_record(self.model, config), **self.federation.record(self.client_label_histograms)}
         record.update(
-            unprotected_statistics_published=self.privacy.enabled and publish,
-            continued_from=self.continued_from,
-            hyperparameter_selection=self.args.hyperparameter_selection,
+            privacy=self.privacy_report(), partition=self._partition_record(), continued_from=self.continued_from
         )
         return record
-
-    @property
-    def _publishes_unprotected(self) -> bool:
-        """Under DP only what the guarantee covers is published, unless the user opted in to more."""
-        return not self.privacy.enabled or bool(self.args.publish_unprotected_statistics)
 
     def _partition_record(self) -> dict[str, Any]:
         args = self.args

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_peft, toy_dataset
+from peft import LoraConfig, get_peft_model
+from tiny import tiny_bert, tiny_peft, toy_dataset
 
 from hf_fedlora import FedLoraConfig, FFALoraConfig
 from hf_fedlora.federation.adapter_state import adapter_parameters
@@ -41,7 +42,12 @@ def test_why_embeddings_are_refused_opacus_records_no_per_example_gradient_for_t
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_trainable_biases_are_refused_with_bias_none(bias):
-    model = tiny_peft(FedLoraConfig, bias=bias)
+    """hf_fedlora's configs refuse such a bias up front (test_methods); the model check is the second line, for a
+    model whose PEFT config came from elsewhere."""
+    with pytest.raises(ValueError, match="bias"):
+        FedLoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", bias=bias)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", bias=bias)
+    model = get_peft_model(tiny_bert(), config)
     assert any(p.requires_grad and name.endswith(".bias") for name, p in model.named_parameters())
     for check in (check_trainable_is_federated, check_dp_trainable):
         with pytest.raises(ValueError, match=rf"bias='{bias}'.*Use bias='none'"):

@@ -56,14 +56,19 @@ class LocalGrid(Grid):
         self.run_config = run_config
         self.ledger_dir = ledger_dir
         self.fail = fail or {}  # partition id -> round index at which its train handler raises
+        self.num_clients = int(run_config["num-clients"])
         self.nodes: dict[int, Context] = {}
         self.replies: dict[str, Message] = {}
-        for partition in range(NUM_CLIENTS):
+        for partition in range(self.num_clients):
             self._start(partition)
 
     def _start(self, partition: int) -> int:
         node_id = uuid.uuid4().int >> 65
-        node_config = {"partition-id": partition, "num-partitions": NUM_CLIENTS, "ledger-dir": str(self.ledger_dir)}
+        node_config = {
+            "partition-id": partition,
+            "num-partitions": self.num_clients,
+            "ledger-dir": str(self.ledger_dir),
+        }
         self.nodes[node_id] = Context(
             run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=self.run_config
         )
@@ -173,9 +178,14 @@ def test_flower_run_equals_in_process_trainer(tmp_path, method, dp_unit):
         return
     reference = trainer.privacy_report()
     assert record["privacy"]["unit"] == dp_unit
-    assert client_epsilons(record) == pytest.approx(client_epsilons({"privacy": reference}), rel=1e-12)
-    for name, client in record["privacy"]["clients"].items():
-        assert client["history"] == reference["clients"][name]["history"]
+    if dp_unit == "client":  # one history for the federation, and nothing about who took part
+        assert record["privacy"]["history"] == reference["history"]
+        assert record["privacy"]["epsilon"] == pytest.approx(reference["epsilon"], rel=1e-12)
+        assert "client_" not in json.dumps(record)
+    else:
+        assert client_epsilons(record) == pytest.approx(client_epsilons({"privacy": reference}), rel=1e-12)
+        for name, client in record["privacy"]["clients"].items():
+            assert client["history"] == reference["clients"][name]["history"]
     assert (tmp_path / "flower_out" / "README.md").read_text().count(dp_unit) > 0
 
 
@@ -249,19 +259,108 @@ def test_client_without_its_ledger_refuses_to_train(tmp_path):
 
 
 def test_failed_client_round_finishes_when_the_minimum_allows(tmp_path):
+    """The one min-clients rule, as in process: at least min_clients_per_round of the round's clients finish."""
     run_config = tiny_run_config(tmp_path, "deer", None, **{"min-clients-per-round": 1})
     record = run_server(LocalGrid(run_config, tmp_path / "ledgers", fail={1: 1}), run_config)
-    assert [entry.get("failed_clients") for entry in record["round_history"]] == [None, ["client_1"]]
+    assert record["failed_clients"] == {"2": ["client_1"]}
     assert [entry["clients"] for entry in record["round_history"]] == [2, 1]
     saved = json.loads((tmp_path / "flower_out" / "federated_training.json").read_text())
-    assert saved["round_history"][1]["failed_clients"] == ["client_1"]
+    assert saved["failed_clients"] == {"2": ["client_1"]}
 
 
-def test_failed_client_stops_the_run_below_the_minimum(tmp_path):
-    run_config = tiny_run_config(tmp_path, "deer", None)  # default minimum: every participant
-    with pytest.raises(RuntimeError, match=r"round 2: only 1 of 2 clients answered.*client_1 crashed"):
+def test_failed_client_stops_the_run_without_a_minimum(tmp_path):
+    run_config = tiny_run_config(tmp_path, "deer", None)  # min_clients_per_round unset: any failure stops the run
+    with pytest.raises(RuntimeError, match=r"Round 2: a client failed and min_clients_per_round is not set.*crashed"):
         run_server(LocalGrid(run_config, tmp_path / "ledgers", fail={1: 1}), run_config)
     assert not (tmp_path / "flower_out" / "federated_training.json").exists()
+
+
+class TamperingGrid(LocalGrid):
+    """A client that reports less privacy spent than it ran (its report's last entry one step short)."""
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        for reply in replies:
+            if reply.has_error() or reply.metadata.message_type != "train":
+                continue
+            content = json.loads(reply.content["info"]["json"])
+            history = content["privacy"]["client"]["history"]
+            history[-1][2] -= 1
+            content["privacy"]["client"]["steps"] -= 1
+            reply.content["info"]["json"] = json.dumps(content)
+        return replies
+
+
+def test_the_server_refuses_a_privacy_report_that_disagrees_with_its_schedule(tmp_path):
+    """The published epsilon is the server's, from what it planned and scheduled: a client report that undercounts
+    its steps stops the run instead of reaching the record."""
+    run_config = tiny_run_config(tmp_path, "ffa_lora", "example")
+    with pytest.raises(ValueError, match="server planned and scheduled"):
+        run_server(TamperingGrid(run_config, tmp_path / "ledgers"), run_config)
+    assert not (tmp_path / "flower_out" / "federated_training.json").exists()
+
+
+def test_the_server_refuses_a_plan_with_too_little_noise(tmp_path, monkeypatch):
+    """A client whose plan would overspend the target for the steps the server planned is refused before training."""
+    real = client_module.FlowerClient.plan
+
+    def lax(self, config):
+        reply = real(self, config)
+        reply["noise_multiplier"] = reply["noise_multiplier"] / 4
+        return reply
+
+    monkeypatch.setattr(client_module.FlowerClient, "plan", lax)
+    run_config = tiny_run_config(tmp_path, "ffa_lora", "example")
+    with pytest.raises(ValueError, match="dp_target_epsilon"):
+        run_server(LocalGrid(run_config, tmp_path / "ledgers"), run_config)
+
+
+POOL_SIZE = 48
+
+
+def pooled_task(run_config):
+    """One pool of toy examples cut into num-partitions clients by position (k, k + K, ...); `extra-example` adds
+    one new example to partition 0."""
+    from datasets import concatenate_datasets
+
+    from hf_fedlora.flower.tasks import tiny_bert
+
+    base = tiny_bert({**run_config, "examples-per-client": POOL_SIZE})
+    pool = base.load_client_data(0, 1)
+
+    def load_client_data(partition_id: int, num_partitions: int):
+        data = pool.select(range(partition_id, POOL_SIZE, num_partitions))
+        if partition_id == 0 and run_config.get("extra-example"):
+            data = concatenate_datasets([data, base.load_client_data(1, 1).select([0])])
+        return data
+
+    return type(base)(build_model=base.build_model, load_client_data=load_client_data)
+
+
+def test_a_re_split_inherits_the_worst_earlier_spend_of_the_examples_each_client_holds(tmp_path):
+    """Re-splitting the same pool from 2 to 4 clients, or adding one example to a client, never starts a fresh
+    budget: each client's history starts from the spend of the ledgers that held its examples (issue: 3.99 reported
+    where the composition was 4.47; one added example gave a fresh ledger)."""
+    ledgers = tmp_path / "ledgers"
+    common = {"task": "test_flower:pooled_task", "per-device-train-batch-size": 4, "dp-target-epsilon": 20.0}
+    first_config = tiny_run_config(tmp_path, "ffa_lora", "example", **common)
+    first = run_server(LocalGrid(first_config, ledgers), first_config)
+    spent = {name: c["history"] for name, c in first["privacy"]["clients"].items()}
+
+    resplit = tiny_run_config(tmp_path, "ffa_lora", "example", **common, **{"num-clients": 4})
+    second = run_server(LocalGrid(resplit, ledgers), resplit)
+    for index in range(4):  # positions k, k + 4, ...: every one was in the earlier client k mod 2
+        client = second["privacy"]["clients"][f"client_{index}"]
+        earlier = spent[f"client_{index % 2}"]
+        assert client["history"][: len(earlier)] == earlier
+        assert client["epsilon"] > first["privacy"]["clients"][f"client_{index % 2}"]["epsilon"]
+
+    grown = tiny_run_config(tmp_path, "ffa_lora", "example", **common, **{"extra-example": True})
+    third = run_server(LocalGrid(grown, ledgers), grown)
+    client = third["privacy"]["clients"]["client_0"]
+    before = [second["privacy"]["clients"][f"client_{k}"] for k in (0, 2)]  # where its examples were last
+    assert client["steps"] >= max(c["steps"] for c in before) + 2 * 2  # + this run's 2 rounds x 2 steps
+    assert client["epsilon"] > max(c["epsilon"] for c in before)
 
 
 # ----------------------------------------------------------------------------------------------

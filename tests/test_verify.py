@@ -90,7 +90,7 @@ def partial_run(tmp_path_factory) -> tuple[Path, dict, dict]:
     trainer = FederatedTrainer(tiny_peft(FFALoraConfig), args, train_dataset=skewed_clients())
     trainer.train()
     trainer.save_model(str(root / "adapter"))
-    schedule = {str(index + 1): names for index, names in trainer._schedule.items()}
+    schedule = {str(index + 1): names for index, names in trainer.federation.schedule.items()}
     steps_per_round = {name: trainer.local_steps_for(size) for name, size in SKEWED.items()}
     return root / "adapter", schedule, steps_per_round
 
@@ -412,7 +412,13 @@ def test_an_entry_with_another_size_than_client_sizes_fails(skewed_adapter, tmp_
 
 def test_an_entry_for_a_client_outside_the_federation_fails(skewed_adapter, tmp_path):
     folder = copy_of(skewed_adapter, tmp_path)
-    restate(folder, lambda record: record["client_sizes"].pop("client_1"))
+
+    def forget_client_1(record):
+        record["client_sizes"].pop("client_1")
+        record["steps_per_round"].pop("client_1")
+        record.pop("schedule")  # the recorded schedule would name it too
+
+    restate(folder, forget_client_1)
     assert problem_names(folder) == {"record-client-unknown", "record-client-missing"}  # num_clients still 3
     restate(folder, lambda record: record.update(num_clients=2, clients_per_round=2))
     assert problem_names(folder) == {"record-client-unknown"}
@@ -457,7 +463,15 @@ def test_a_client_that_failed_inside_a_round_may_have_run_fewer_steps(tmp_path):
     trainer.save_model(str(tmp_path / "adapter"))
     record = json.loads((tmp_path / "adapter" / FEDERATED_RECORD_NAME).read_text())
     assert record["failed_clients"] == {"2": ["client_1"]}
-    assert record["privacy"]["clients"]["client_1"]["steps"] == 3 * 2 - 1
+    # The server counts the steps it sent (it cannot know how far a failed client got): an over-count.
+    assert record["privacy"]["clients"]["client_1"]["steps"] == 3 * 2
+    assert verify_adapter(tmp_path / "adapter").ok
+
+    def one_fewer(record):  # what the client itself ran: its round-2 failure cut one step
+        client = record["privacy"]["clients"]["client_1"]
+        client["history"][0][2] = client["steps"] = 3 * 2 - 1
+
+    restate(tmp_path / "adapter", one_fewer)
     assert verify_adapter(tmp_path / "adapter").ok
 
     def three_fewer(record):  # one failed round cannot explain more than that round's steps
@@ -470,11 +484,11 @@ def test_a_client_that_failed_inside_a_round_may_have_run_fewer_steps(tmp_path):
 
 def test_a_partial_participation_record_without_a_schedule_checks_the_most_steps(partial_run, tmp_path, capsys):
     adapter, _, _ = partial_run
-    code, out = verify_cli(capsys, adapter)
+    folder = copy_of(adapter, tmp_path)
+    restate(folder, lambda record: record.pop("schedule"))  # a record written before schedules were recorded
+    code, out = verify_cli(capsys, folder)
     assert code == 0, out
     assert "Note: The record does not say which clients took part in which round (2 of 3 per round)" in out
-
-    folder = copy_of(adapter, tmp_path)
 
     def beyond_every_round(record):
         client = record["privacy"]["clients"]["client_1"]

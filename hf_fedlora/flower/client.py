@@ -108,6 +108,7 @@ class FlowerClient:
             saved = self.privacy.client_from_state(ledger.client, self.trainer.args.device)
             client.noise_generator.set_state(saved.noise_generator.get_state())
             client.sampling_generator.set_state(saved.sampling_generator.get_state())
+            ledger.past_own = ledger.own  # the earlier plan's steps stay these data's, once
         ledger.unit, ledger.plan_id, ledger.digests = self.privacy.unit, plan_id, digests
         ledger.seeded = ledger.seeded or seeded or self.privacy.seeded
         self._save(ledger)

@@ -9,9 +9,9 @@ written atomically (temp file, fsync, `os.replace`, owner-only) BEFORE anything 
 the client.
 
 Composition is per example: a client that plans finds every ledger in its folder that holds any of its examples (by
-digest); an example's earlier spend is the composition of the spent histories of all the ledgers that held it, and
-the client answers for the worst of those over its examples. Re-split data, or data with one example added, never
-start from a fresh budget.
+digest); an example's earlier spend is the composition of the steps that every ledger holding it ran on it (each
+ledger's own steps, so no run is counted twice), and the client answers for the worst over its examples. Re-split
+data, or data with one example added, never start from a fresh budget.
 """
 
 from __future__ import annotations
@@ -76,8 +76,9 @@ class PrivacyLedger:
     unit: str | None = None
     seeded: bool = False  # the streams were ever derived from a dp_secret_seed: say so on every card
     plan_id: str | None = None  # the run plan the current budget and noise belong to
-    client: dict[str, Any] | None = None
-    spent: list[list[float]] = field(default_factory=list)  # the total history its examples answer for
+    client: dict[str, Any] | None = None  # the current plan's engine state (this plan's own steps, RNG states)
+    past_own: list[list[float]] = field(default_factory=list)  # steps these data ran under earlier plans
+    spent: list[list[float]] = field(default_factory=list)  # the total history its examples answer for (reported)
     digests: list[str] = field(default_factory=list)
     releases: list[dict[str, Any]] = field(default_factory=list)  # one entry per release, with its noise state hash
 
@@ -100,10 +101,17 @@ class PrivacyLedger:
             seeded=bool(stored.get("seeded")),
             plan_id=stored.get("plan_id"),
             client=stored.get("client"),
+            past_own=list(stored.get("past_own") or []),
             spent=list(stored.get("spent") or []),
             digests=list(stored.get("digests") or []),
             releases=list(stored.get("releases") or []),
         )
+
+    @property
+    def own(self) -> list[list[float]]:
+        """Every step these data ran, under every plan: what an example of them spent here."""
+        current = (self.client or {}).get("history") or []
+        return [list(entry) for entry in self.past_own] + [list(entry) for entry in current]
 
     @property
     def history(self) -> list[list[float]]:
@@ -119,6 +127,8 @@ class PrivacyLedger:
             "seeded": self.seeded,
             "plan_id": self.plan_id,
             "client": self.client,  # FederatedPrivacy.client_state(): JSON-safe, RNG states in base64
+            "past_own": self.past_own,
+            "own": self.own,
             "spent": self.spent,
             "digests": self.digests,
             "releases": self.releases,
@@ -128,7 +138,7 @@ class PrivacyLedger:
 
 def prior_candidates(directory: str | os.PathLike, digests: list[str]) -> tuple[list[list[list[float]]], bool]:
     """What the examples with these digests spent in the ledgers of `directory`: one candidate history per distinct
-    set of ledgers holding an example (their spent histories composed), and whether any was seeded."""
+    set of ledgers holding an example (the steps each of them ran, composed), and whether any was seeded."""
     wanted = set(digests)
     holders: dict[str, list[str]] = defaultdict(list)
     spent: dict[str, list[list[float]]] = {}
@@ -136,12 +146,12 @@ def prior_candidates(directory: str | os.PathLike, digests: list[str]) -> tuple[
     folder = Path(directory)
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         stored = _read(path)
-        if stored.get("version") != LEDGER_VERSION or not stored.get("spent"):
+        if stored.get("version") != LEDGER_VERSION or not stored.get("own"):
             continue
         overlap = wanted.intersection(stored.get("digests") or [])
         if not overlap:
             continue
-        spent[path.name] = stored["spent"]
+        spent[path.name] = stored["own"]
         seeded = seeded or bool(stored.get("seeded"))
         for digest in overlap:
             holders[digest].append(path.name)

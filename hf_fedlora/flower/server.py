@@ -236,20 +236,15 @@ class FlowerServer:
 
     def record(self) -> dict[str, Any]:
         """The federated record, as `FederatedTrainer.federated_record` writes it, plus how the run was driven."""
-        args, facts = self.args, self.clients.facts
-        publish = not self.federation.private or bool(args.publish_unprotected_statistics)
+        facts = self.clients.facts
+        histograms = {
+            name: json.loads(info["label-histogram"]) for name, info in facts.items() if "label-histogram" in info
+        }
         record = {
             **model_record(self.model, self.config),
-            **self.federation.record(),
+            **self.federation.record(dict(sorted(histograms.items()))),
             "partition": {"scheme": "flower", "partitions": len(facts)},
-            "client_label_histograms": {
-                name: json.loads(info["label-histogram"])
-                for name, info in sorted(facts.items())
-                if publish and "label-histogram" in info
-            },
-            "unprotected_statistics_published": self.federation.private and publish,
             "continued_from": None,
-            "hyperparameter_selection": args.hyperparameter_selection,
             "driver": {"name": "flower", "flwr": importlib.metadata.version("flwr")},
         }
         return json.loads(json.dumps(record, default=lambda v: v.item() if hasattr(v, "item") else str(v)))

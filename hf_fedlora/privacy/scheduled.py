@@ -26,6 +26,7 @@ class ScheduledClient:
     prior_candidates: list[History]
     spent_before_plan: History  # this run's steps the client had run before its latest plan (resumed runs)
     scheduled: int = 0  # steps sent since the latest plan
+    unconfirmed: int = 0  # steps sent in rounds the client failed: counted, though it may not have run them all
 
     def own_history(self) -> History:
         return merged_history(self.spent_before_plan + [(self.noise_multiplier, self.sample_rate, self.scheduled)])
@@ -81,13 +82,19 @@ class ScheduledAccounts:
         """Count steps as spent when they are sent to the client (a client that fails half-way has spent them)."""
         self.clients[name].scheduled += int(steps)
 
+    def failed(self, name: str, steps: int) -> None:
+        """A client failed in a (sub-)round it was sent `steps` steps for: it may have run fewer. The account keeps
+        them all (an over-count, never an under-count); its later reports may show up to that many fewer."""
+        self.clients[name].unconfirmed += int(steps)
+
     def check(self, name: str, client_report: Mapping[str, Any]) -> None:
         """Refuse a client's report whose spend disagrees with what the server scheduled."""
         expected = self.history(name)
         reported = merged_history(client_report.get("history") or [])
         if client_report.get("seeded"):
             self.header["seeded"] = True
-        if reported != expected:
+        slack = self.clients[name].unconfirmed
+        if reported != expected and not _within(reported, expected, slack):
             raise ValueError(
                 f"client {name!r} reports the history {reported}, but the server planned and scheduled {expected}: "
                 "its report is refused (a client must account every step it is sent)"
@@ -129,6 +136,7 @@ class ScheduledAccounts:
                 "prior_candidates": c.prior_candidates,
                 "spent_before_plan": c.spent_before_plan,
                 "scheduled": c.scheduled,
+                "unconfirmed": c.unconfirmed,
             }
             for name, c in self.clients.items()
         }
@@ -142,6 +150,7 @@ class ScheduledAccounts:
                 [merged_history(c) for c in s["prior_candidates"]],
                 merged_history(s["spent_before_plan"]),
                 int(s["scheduled"]),
+                int(s.get("unconfirmed", 0)),
             )
             for name, s in state.items()
         }
@@ -149,3 +158,11 @@ class ScheduledAccounts:
 
 def _steps(history: History) -> int:
     return sum(int(n) for _, _, n in history)
+
+
+def _within(reported: History, expected: History, slack: int) -> bool:
+    """The same history but for the last entry, which may be short by up to `slack` steps (failed rounds)."""
+    if not slack or len(reported) != len(expected) or reported[:-1] != expected[:-1]:
+        return False
+    (sigma, rate, steps), (expected_sigma, expected_rate, expected_steps) = reported[-1], expected[-1]
+    return (sigma, rate) == (expected_sigma, expected_rate) and expected_steps - slack <= steps <= expected_steps
