@@ -9,16 +9,17 @@ from dataclasses import dataclass, field
 
 from transformers import SchedulerType, TrainingArguments
 
+from .federation.partition import SCHEMES
 from .lr_schedule import check_schedule
 from .privacy import ACCOUNTANTS
 from .privacy.client_level import NEIGHBOURING_RELATIONS
 from .privacy.dp_optimizer import CLIPPINGS
-from .privacy.engine import UNITS
+from .privacy.engine import CALIBRATIONS, UNITS
 
 SECRET_MASK = "<DP_SECRET_SEED>"
-PARTITIONS = ("iid", "dirichlet", "label_proportions", "column")
+PARTITIONS = SCHEMES
 AGGREGATION_WEIGHTS = ("num_examples", "uniform")
-NOISE_CALIBRATIONS = ("per_client", "shared", "per_client_grid")
+NOISE_CALIBRATIONS = CALIBRATIONS
 
 
 @dataclass

@@ -302,3 +302,15 @@ def test_continuing_on_another_split_is_refused(tmp_path):
             fed_args(tmp_path / "b", dp_unit="client", num_clients=2, dp_noise_multiplier=1.0, dp_target_delta=1e-4),
             train_dataset=toy_dataset(200),
         )
+
+
+def test_the_card_states_the_relation_the_trust_and_the_fixed_count(tmp_path):
+    trainer = client_level_trainer(tmp_path, clients_per_round=2, num_rounds=1)
+    trainer.train()
+    trainer.save_model()
+    card = (tmp_path / CARD_NAME).read_text()
+    assert "for every client (unit: one client; neighbouring relation: add or remove one client)" in card
+    assert "Who must be trusted: the aggregator saw the clipped updates before the noise (central DP)" in card
+    assert "divided it by the fixed expected number of clients per round, 2" in card
+    assert "of which 2 took part in each round" not in card  # under Poisson sampling no fixed number does
+    assert "mcmahan2018learning" in card and "abadi2016deep" not in card  # DP-FedAvg, not DP-SGD

@@ -1,12 +1,10 @@
 """The Flower ServerApp: the one server half (`hf_fedlora.server.Federation`) over a Flower Grid.
 
-The server never sees examples. It builds the model from the task (for the shared initial adapter and the final
-save), learns each client's facts from a discover query, and hands the federation a Grid transport: the plan goes to
-the clients as "plan" queries, each (sub-)round's training as "train" messages carrying the global adapter. The
-federation samples, applies the min-clients rule, aggregates and keeps the privacy account, exactly as in process;
-under example-level DP it re-derives every epsilon from what it planned and scheduled and refuses a client report that
-disagrees; under client-level DP it adds the noise itself. At the end it writes the adapter, the model card and the
-federated record, each file with `os.replace`.
+The server never sees examples. It builds the model from the task (the shared initial adapter, the final save),
+learns each client's facts from a discover query, and hands the federation a Grid transport: the plan goes out as
+"plan" queries, each (sub-)round as "train" messages carrying the global adapter. The federation samples, applies the
+min-clients rule, aggregates and keeps the privacy account exactly as in process. At the end it writes the adapter,
+the model card and the federated record, each file with `os.replace`.
 
 Run config keys of its own: `task`, `output-dir`, `num-clients` (SuperNodes to wait for), `round-timeout` and
 `wait-timeout` (seconds). `min-clients-per-round` is the trainer's `min_clients_per_round`, with the same meaning.
@@ -80,8 +78,7 @@ class GridClients:
         global_state: Mapping[str, torch.Tensor],
         progress: bool,
     ) -> Iterator[tuple[str, ClientRelease | ClientFailure]]:
-        """Every named client's round at once; replies yielded in the given order (the same sums, in the same order,
-        as in process)."""
+        """Every named client's round at once; replies in the given order (the same sums as in process)."""
         self.wait_for(list(names))
         configs = {
             name: {"round": round_index, "sub-round": sub_round, "steps": int(steps[name]), "plan-id": self.plan_id}
@@ -130,8 +127,8 @@ class GridClients:
         return answers, failed
 
     def wait_for(self, names: Sequence[str] | None) -> None:
-        """Learn who is connected (a restarted SuperNode comes back with a new node id) until the named clients
-        (None: all num-clients) are there or wait-timeout passes."""
+        """Learn who is connected (a restarted SuperNode has a new node id) until the named clients (None: all
+        num-clients) are there or wait-timeout passes."""
         deadline = time.monotonic() + self.wait_timeout
         while True:
             self._discover()

@@ -39,6 +39,7 @@ from .state import History, decode_generator_state, encode_generator_state, merg
 UNIT = "example"  # the default unit of privacy
 UNITS = ("example", "client")
 GRID_CALIBRATION = "per_client_grid"
+CALIBRATIONS = ("per_client", "shared", GRID_CALIBRATION)
 DEFAULT_GRID_RATIO = 1.25
 SAMPLING_STREAM, NOISE_STREAM = 0, 1
 
