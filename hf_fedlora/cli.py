@@ -459,7 +459,7 @@ def _run_plan(demo: DemoArguments, args: DemoTrainingArguments, plan: DemoPlan, 
                 "accountant": report.get("accountant"),
                 "accuracy": float(final["eval_accuracy"]),
                 "macro_f1": float(final["eval_macro_f1"]),
-                "mb_uploaded_per_client": float(np.mean(list(trainer.uploaded_bytes.values()))) / 1e6,
+                "mb_uploaded_per_client": _mb_uploaded_per_client(trainer, report),
                 "seconds": time.time() - run_started,
                 "learning_rate": rate.value,
                 "learning_rate_source": rate.source,
@@ -522,8 +522,21 @@ def _print_plan(demo, args, plan: DemoPlan, train, test, trainer) -> None:
     )
     print(f"  learning rates ({_enum_text(args.optim)}, {_enum_text(args.lr_scheduler_type)}): {rates}")
     print(f"  output: {args.output_dir}/ (results.md, results.json, accuracy plots, one adapter folder per run)")
-    for name, histogram in trainer.client_label_histograms.items():
-        print(f"  {name}: {len(trainer.client_datasets[name])} tweets ({_label_names(histogram)})")
+    if trainer.federation.secret_participation:  # client-level DP: nothing is said of any client
+        return
+    publish = not trainer.privacy.enabled or args.publish_unprotected_statistics
+    for name, data in trainer.client_datasets.items():  # sizes are public under the example unit, labels are not
+        labels = f" ({_label_names(trainer.client_label_histograms[name])})" if publish else ""
+        print(f"  {name}: {len(data)} tweets{labels}")
+
+
+def _mb_uploaded_per_client(trainer, report: dict) -> float:
+    """Mean MB each client sent. Under client-level DP who took part (and so how much each sent) is secret: the
+    expected upload instead, a release's size x q x releases per round x rounds."""
+    if report.get("unit") != "client":
+        return float(np.mean(list(trainer.uploaded_bytes.values()))) / 1e6
+    per_release = float(np.mean(trainer.upload_sizes)) if trainer.upload_sizes else 0.0
+    return per_release * report["sample_rate"] * report["releases_per_round"] * report["rounds"] / 1e6
 
 
 def _head_text(demo) -> str:
@@ -575,9 +588,20 @@ def _print_privacy(method: str, report: dict) -> None:
     if not report["private"]:
         tqdm.write(f"{method}: privacy none, this run was not differentially private.")
         return
+    guarantee = (
+        f"{method}: ({format_epsilon(report['epsilon'])}, {format_delta(report['delta'])})-DP per {report['unit']}"
+    )
+    if report["unit"] == "client":  # DP-FedAvg: one history for the federation
+        tqdm.write(
+            f"{guarantee} ({report['neighbouring_relation']}; {report['accountant'].upper()} accountant, clip norm "
+            f"{report['clip_norm']}); sigma {report['noise_multiplier']:.3f} q {report['sample_rate']:.4f} "
+            f"{report['rounds']} rounds, noise added once to the sum of {report['expected_clients_per_round']:g} "
+            "expected clients' clipped updates"
+        )
+        return
     tqdm.write(
-        f"{method}: ({format_epsilon(report['epsilon'])}, {format_delta(report['delta'])})-DP per {report['unit']}, "
-        f"the largest over clients ({report['accountant'].upper()} accountant, clip norm {report['clip_norm']}); "
+        f"{guarantee}, the largest over clients ({report['accountant'].upper()} accountant, clip norm "
+        f"{report['clip_norm']}); "
         + "; ".join(
             f"{name} eps {format_epsilon(c['epsilon'])} sigma {c['noise_multiplier']:.3f} q {c['sample_rate']:.4f} "
             f"{c['steps']} steps"
@@ -597,8 +621,18 @@ def _notes(demo, args, plan: DemoPlan, clients: dict[str, int]) -> list[str]:
         f"{len(clients)} clients ({args.partition}, alpha={args.dirichlet_alpha}), seed {args.seed}.",
         f"Same example budget for every method: {args.num_rounds} rounds x {args.local_steps} local steps x batch "
         f"{_logical_batch(args)} per client (methods with sub-rounds split the local steps).",
-        f"Privacy: {_privacy_text(args, plan)}; epsilon = the largest over clients, rounded up.",
-        "MB up/client: adapter tensors each client sent over the run (mean over clients, 10^6 bytes).",
+        f"Privacy: {_privacy_text(args, plan)}; epsilon = "
+        + (
+            "the federation's (DP-FedAvg), rounded up."
+            if args.dp_unit == "client"
+            else "the largest over clients, rounded up."
+        ),
+        "MB up/client: adapter tensors each client sent over the run (mean over clients, 10^6 bytes"
+        + (
+            "; under the client unit the expected value: who took part is secret)."
+            if args.dp_unit == "client"
+            else ")."
+        ),
         f"Accuracy and macro-F1 on {demo.max_eval_examples} test tweets after the last round.",
         f"Learning rates: {rates}.",
     ]

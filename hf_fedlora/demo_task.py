@@ -82,18 +82,22 @@ def compute_classification_metrics(prediction) -> dict[str, float]:
 
 def upload_counting_trainer() -> type:
     """FederatedTrainer that adds up the bytes each client releases (the public `local_round`'s return) in
-    `uploaded_bytes`; a factory, so that importing this module does not import the trainer."""
+    `uploaded_bytes`, and keeps each release's size in `upload_sizes` (no names: under client-level DP only an
+    expected upload may be reported); a factory, so that importing this module does not import the trainer."""
     from .trainer import FederatedTrainer
 
     class UploadCountingTrainer(FederatedTrainer):
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.uploaded_bytes = dict.fromkeys(self.client_datasets, 0)
+            self.upload_sizes: list[int] = []
 
         def local_round(self, name, round_index, sub_round, steps):
             upload, losses = super().local_round(name, round_index, sub_round, steps)
             if upload is not None:
-                self.uploaded_bytes[name] += sum(t.numel() * t.element_size() for t in upload.values())
+                size = sum(t.numel() * t.element_size() for t in upload.values())
+                self.uploaded_bytes[name] += size
+                self.upload_sizes.append(size)
             return upload, losses
 
     return UploadCountingTrainer

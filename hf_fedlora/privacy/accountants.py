@@ -135,4 +135,7 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
         return 0.0
     fresh = make_accountant(accountant)
     fresh.history = list(history)
-    return float(fresh.get_epsilon(delta=delta))
+    # At q = 1 (no subsampling: client-level DP with every client) Opacus's PRV evaluates log(1 - q) = log(0) in a
+    # branch np.where then discards; silence that warning, not the result.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(fresh.get_epsilon(delta=delta))
