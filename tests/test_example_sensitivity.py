@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from peft import get_peft_model
+from tiny import tiny_swin, tiny_vit
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
@@ -33,10 +34,6 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
-    SwinConfig,
-    SwinForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
     default_data_collator,
 )
 
@@ -102,41 +99,6 @@ def llama() -> LlamaForCausalLM:
         pad_token_id=PAD,
     )
     return LlamaForCausalLM(config)
-
-
-def vit() -> ViTForImageClassification:
-    config = ViTConfig(
-        image_size=8,
-        patch_size=2,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=NUM_LABELS,
-    )
-    return ViTForImageClassification(config)
-
-
-def swin() -> SwinForImageClassification:
-    """16x16 images, 2x2 patches: 8x8 tokens in 4x4 windows (4 per image): the hooks see one row per window."""
-    config = SwinConfig(
-        image_size=16,
-        patch_size=2,
-        num_channels=3,
-        embed_dim=8,
-        depths=[2, 1],
-        num_heads=[2, 2],
-        window_size=4,
-        mlp_ratio=2.0,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        drop_path_rate=0.0,
-        num_labels=NUM_LABELS,
-    )
-    return SwinForImageClassification(config)
 
 
 # ----------------------------------------------------------------------------------------
@@ -260,8 +222,8 @@ CASES = {
     "llama-left-padding": Case(
         llama, ["q_proj", "v_proj"], "CAUSAL_LM", lm_examples, DataCollatorForSeq2Seq(tokenizer("left")), True
     ),
-    "vit": Case(vit, ["q_proj", "v_proj"], None, image_examples(8), default_data_collator),
-    "swin": Case(swin, ["q_proj", "v_proj"], None, image_examples(16), default_data_collator),
+    "vit": Case(tiny_vit, ["q_proj", "v_proj"], None, image_examples(8), default_data_collator),
+    "swin": Case(tiny_swin, ["q_proj", "v_proj"], None, image_examples(16), default_data_collator),
 }
 
 

@@ -415,6 +415,7 @@ def write_app(folder: Path, run_config: dict) -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not (Path(sys.executable).parent / "flower-superlink").exists(), reason="flwr's command-line tools are missing"
 )

@@ -12,13 +12,10 @@ import torch
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
 from peft import get_peft_model
+from tiny import tiny_swin, tiny_vit
 from transformers import (
     RobertaConfig,
     RobertaForSequenceClassification,
-    SwinConfig,
-    SwinForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
 )
 
 from hf_fedlora import LALoraConfig
@@ -29,41 +26,6 @@ BATCH = 3
 NUM_LABELS = 3
 IMAGE_SIZE = 16
 TOLERANCE = 1e-5  # relative, per example and per parameter, in norm
-
-
-def tiny_swin() -> SwinForImageClassification:
-    """16x16 images, 2x2 patches: 8x8 tokens in 4x4 windows (4 per image, the second block shifted)."""
-    config = SwinConfig(
-        image_size=IMAGE_SIZE,
-        patch_size=2,
-        num_channels=3,
-        embed_dim=8,
-        depths=[2, 1],
-        num_heads=[2, 2],
-        window_size=4,
-        mlp_ratio=2.0,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        drop_path_rate=0.0,
-        num_labels=NUM_LABELS,
-    )
-    return SwinForImageClassification(config)
-
-
-def tiny_vit() -> ViTForImageClassification:
-    config = ViTConfig(
-        image_size=8,
-        patch_size=2,
-        num_channels=3,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=NUM_LABELS,
-    )
-    return ViTForImageClassification(config)
 
 
 def tiny_roberta() -> RobertaForSequenceClassification:

@@ -131,6 +131,7 @@ def _train_and_save(tmp_path: Path, config_cls, private: bool):
     return trainer, base_logits, trained_logits, base_dir, adapter_dir, batch_file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("config_cls", "method_name", "private"),
     [(FFALoraConfig, "ffa_lora", True), (FedLoraConfig, "lora", False)],

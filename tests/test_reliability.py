@@ -170,6 +170,7 @@ def killed_run(output: Path, privacy: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_round_then_resume_never_under_counts(tmp_path):
     privacy = "dp_noise_multiplier=1.0"
     done = killed_run(tmp_path / "killed", privacy)
@@ -196,6 +197,7 @@ def test_sigkill_mid_round_then_resume_never_under_counts(tmp_path):
         assert after[name]["epsilon"] >= uninterrupted[name]["epsilon"]
 
 
+@pytest.mark.slow
 def test_sigkill_under_a_target_recalibrates_and_stays_within_it(tmp_path):
     done = killed_run(tmp_path, "dp_target_epsilon=3.0")
     assert done.returncode == -9, done.stderr[-2000:]

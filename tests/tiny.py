@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from hf_fedlora import FederatedTrainingArguments
 
@@ -62,3 +69,40 @@ def fed_args(output_dir, **overrides) -> FederatedTrainingArguments:
     )
     kwargs.update(overrides)
     return FederatedTrainingArguments(**kwargs)
+
+
+def tiny_vit(num_labels: int = 3) -> ViTForImageClassification:
+    """8x8 images in 2x2 patches, dropout off (Opacus records activations in train mode)."""
+    config = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_swin(num_labels: int = 3) -> SwinForImageClassification:
+    """16x16 images, 2x2 patches: 8x8 tokens in 4x4 windows (4 per image, the second block shifted), dropout off:
+    the per-example hooks see one row per window."""
+    config = SwinConfig(
+        image_size=16,
+        patch_size=2,
+        num_channels=3,
+        embed_dim=8,
+        depths=[2, 1],
+        num_heads=[2, 2],
+        window_size=4,
+        mlp_ratio=2.0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.0,
+        num_labels=num_labels,
+    )
+    return SwinForImageClassification(config)

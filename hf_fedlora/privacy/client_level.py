@@ -20,22 +20,21 @@ Trust: the aggregator sees the clipped updates before the noise (central DP).
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_noise_multiplier
 from .dp_optimizer import CLIPPINGS
+from .mechanism import DPMechanism, derived_seed
 from .noise import draw_noise
 from .state import decode_generator_state, encode_generator_state, merged_history
 
 ADD_OR_REMOVE_ONE, REPLACE_ONE = "add_or_remove_one", "replace_one"
 NEIGHBOURING_RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
-NOISE_STREAM, PARTICIPATION_STREAM = 1, 2
+AGGREGATOR, NOISE_STREAM, PARTICIPATION_STREAM = 0, 3, 4  # the aggregator's own streams
 
 
 def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float, clipping: str) -> dict[str, torch.Tensor]:
@@ -65,7 +64,7 @@ def client_level_epsilon(history: Iterable[tuple[float, float, int]], delta: flo
     return epsilon_from_history(history, delta, accountant)
 
 
-class ClientLevelPrivacy:
+class ClientLevelPrivacy(DPMechanism):
     """The aggregator's side of DP-FedAvg: secret participation, one noise per release, one accountant."""
 
     unit = "client"
@@ -86,20 +85,22 @@ class ClientLevelPrivacy:
         if relation not in NEIGHBOURING_RELATIONS:
             choices = list(NEIGHBOURING_RELATIONS)
             raise ValueError(f"dp_neighbouring_relation must be one of {choices}, got {relation!r}")
-        if clipping not in CLIPPINGS:
-            raise ValueError(f"dp_clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
-        self.target_epsilon = target_epsilon
-        self.delta = target_delta
-        self.fixed_noise_multiplier = noise_multiplier
-        self.clip_norm = clip_norm
-        self.clipping = clipping
-        self.accountant_name = accountant
+        super().__init__(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            noise_multiplier=noise_multiplier,
+            clip_norm=clip_norm,
+            clipping=clipping,
+            accountant=accountant,
+            secret_seed=secret_seed,
+            secure_mode=secure_mode,
+        )
         self.relation = relation
-        self.secure_mode = secure_mode
-        self.seeded = secret_seed is not None
-        root = secret_seed if secret_seed is not None else secrets.randbits(63)
-        self._noise_generator = torch.Generator().manual_seed(_derived(root, NOISE_STREAM))
-        self._participation_generator = torch.Generator().manual_seed(_derived(root, PARTICIPATION_STREAM))
+        root = self._secret_root
+        self._noise_generator = torch.Generator().manual_seed(derived_seed(root, AGGREGATOR, NOISE_STREAM))
+        self._participation_generator = torch.Generator().manual_seed(
+            derived_seed(root, AGGREGATOR, PARTICIPATION_STREAM)
+        )
         self.noise_multiplier: float | None = None
         self.sample_rate = 1.0
         self.expected_clients = 0.0
@@ -107,10 +108,6 @@ class ClientLevelPrivacy:
         self.round_budget: int | None = None
         self.prior_history: list[tuple[float, float, int]] = []
         self.accountant = make_accountant(accountant)
-
-    @property
-    def enabled(self) -> bool:
-        return self.target_epsilon is not None or self.fixed_noise_multiplier is not None
 
     # --- before training --------------------------------------------------------------------------
     def plan(self, num_clients: int, clients_per_round: int | None, rounds: int, releases_per_round: int) -> None:
@@ -202,12 +199,6 @@ class ClientLevelPrivacy:
     def aggregator(self, keys: Iterable[str]) -> DPFedAvgSum:
         """A sum of clipped updates over the released tensors `keys`, for one release (sub-round)."""
         return DPFedAvgSum(self, list(keys))
-
-    def _generator(self, persistent: torch.Generator) -> torch.Generator:
-        """Secure mode: a fresh generator from OS entropy for every draw (no state that could regenerate it)."""
-        if self.secure_mode:
-            return torch.Generator().manual_seed(secrets.randbits(63))
-        return persistent
 
     # --- reporting --------------------------------------------------------------------------------
     @property
@@ -312,7 +303,3 @@ class DPFedAvgSum:
             step = (total + noise.float().to(total.device)) / privacy.expected_clients
             released[key] = (start.float() + step).to(start.dtype)
         return released
-
-
-def _derived(root: int, stream: int) -> int:
-    return int(np.random.SeedSequence([root, 0, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -18,19 +18,18 @@ own steps, and its recorded history is that worst composition.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from transformers.utils import logging
 
 from ..federation.adapter_state import factor_of
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_grid, calibrate_noise_multiplier, grid_point
-from .dp_optimizer import CLIPPINGS, ShapedNoiseDPOptimizer
+from .dp_optimizer import ShapedNoiseDPOptimizer
+from .mechanism import DPMechanism, derived_seed
 from .noise import draw_noise
 from .opacus_compat import IAccountant
 from .postprocessing import NOISY_GRADIENT_FILTERS
@@ -44,11 +43,6 @@ DEFAULT_GRID_RATIO = 1.25
 SAMPLING_STREAM, NOISE_STREAM = 0, 1
 
 logger = logging.get_logger(__name__)
-
-
-def derived_seed(seed: int, client_index: int, stream: int) -> int:
-    """Independent per-client seeds for independent streams (batch sampling vs. DP noise) from one secret root."""
-    return int(np.random.SeedSequence([seed, client_index, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -89,7 +83,7 @@ class ClientPrivacy:
         return [merged_history(prior + own) for prior in (self.prior_candidates or [[]])]
 
 
-class FederatedPrivacy:
+class FederatedPrivacy(DPMechanism):
     """Calibrates each client's noise before training, guards its budget and answers for its epsilon."""
 
     unit = UNIT
@@ -108,25 +102,20 @@ class FederatedPrivacy:
         grid_ratio: float = DEFAULT_GRID_RATIO,
         secure_mode: bool = False,
     ):
-        if clipping not in CLIPPINGS:
-            raise ValueError(f"dp_clipping must be one of {list(CLIPPINGS)}, got {clipping!r}")
-        if secure_mode and secret_seed is not None:
-            raise ValueError("dp_secure_mode draws from OS entropy only: it cannot be combined with dp_secret_seed")
-        self.target_epsilon = target_epsilon
-        self.delta = target_delta
-        self.fixed_noise_multiplier = noise_multiplier
-        self.clip_norm = clip_norm
-        self.clipping = clipping
-        self.accountant_name = accountant
+        super().__init__(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            noise_multiplier=noise_multiplier,
+            clip_norm=clip_norm,
+            clipping=clipping,
+            accountant=accountant,
+            secret_seed=secret_seed,
+            secure_mode=secure_mode,
+        )
         self.calibration = calibration
-        self.secure_mode = secure_mode
         # per_client_grid: clients share the noise of the geometric grid point (rate, steps) at or above their own.
         self.grid_ratio = grid_ratio
         self._verified_on_grid: set[str] = set()  # planned on a grid point already checked against the target
-        # Anyone who knows this root can rebuild every batch and subtract the noise: by default it is fresh OS
-        # entropy, never the run's published seed. A fixed secret seed is for reproducible experiments only.
-        self.seeded = secret_seed is not None
-        self._secret_root = secret_seed if secret_seed is not None else secrets.randbits(63)
         self.clients: dict[str, ClientPrivacy] = {}
         self._prior_by_name: dict[str, list[History]] = {}  # candidates by client name (the same partition)
         self._prior_for_every_client: list[History] = []  # composed by worst case (a re-split)
@@ -148,10 +137,6 @@ class FederatedPrivacy:
             secret_seed=args.dp_secret_seed,
             secure_mode=args.dp_secure_mode,
         )
-
-    @property
-    def enabled(self) -> bool:
-        return self.target_epsilon is not None or self.fixed_noise_multiplier is not None
 
     # --- before training --------------------------------------------------------------
     def plan(
@@ -388,12 +373,6 @@ class FederatedPrivacy:
 
     # The noise of every release (a staticmethod so a test can wrap it).
     noise = staticmethod(draw_noise)
-
-    def _generator(self, persistent: torch.Generator | None, device: torch.device | None = None):
-        """Secure mode: a fresh generator from OS entropy for every draw (no state that could regenerate it)."""
-        if not self.secure_mode:
-            return persistent
-        return torch.Generator(device=device if device is not None else "cpu").manual_seed(secrets.randbits(63))
 
     def sample_batch(self, name: str) -> list[int]:
         """Poisson sampling from the client's secret stream: each example joins independently with rate q."""
