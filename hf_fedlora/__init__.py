@@ -9,6 +9,7 @@ from .federation.partition import (
     partition_iid,
 )
 from .methods import DeerConfig, FederatedMethod, FedLoraConfig, FFALoraConfig, LALoraConfig, RoLoraConfig
+from .methods.registry import register_method, unregister_method
 from .trainer import FederatedTrainer
 from .training_args import FederatedTrainingArguments
 
@@ -29,4 +30,6 @@ __all__ = [
     "partition_dataset",
     "partition_dirichlet",
     "partition_iid",
+    "register_method",
+    "unregister_method",
 ]

@@ -45,9 +45,11 @@ def state_of(trainer: FederatedTrainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("config_cls", [FFALoraConfig, RoLoraConfig], ids=["ffa_lora", "rolora"])
-@pytest.mark.parametrize("private", [True, False], ids=["dp", "non_private"])
+@pytest.mark.parametrize("private", ["example", "client", None], ids=["dp", "client_dp", "non_private"])
 def test_resume_gives_the_uninterrupted_run_bit_for_bit(tmp_path, config_cls, private):
-    privacy = {} if private else {"dp_noise_multiplier": None}
+    """Under client-level DP too: the aggregator's noise and participation streams continue from the secret store
+    (a replayed stream would give the same noise twice, and another adapter)."""
+    privacy = {"dp_unit": private, "clients_per_round": 1} if private else {"dp_noise_multiplier": None}
     whole = FederatedTrainer(
         tiny_peft(config_cls), run_args(tmp_path / "whole", **privacy), train_dataset=toy_dataset()
     )

@@ -201,6 +201,21 @@ class ClientLevelPrivacy(DPMechanism):
         return DPFedAvgSum(self, list(keys))
 
     # --- reporting --------------------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, args: Any) -> ClientLevelPrivacy:
+        """The aggregator's mechanism a run's `FederatedTrainingArguments` describe (every driver builds it so)."""
+        return cls(
+            target_epsilon=args.dp_target_epsilon,
+            target_delta=args.dp_target_delta,
+            noise_multiplier=args.dp_noise_multiplier,
+            clip_norm=args.dp_clip_norm,
+            clipping=args.dp_clipping,
+            accountant=args.dp_accountant,
+            relation=args.dp_neighbouring_relation,
+            secret_seed=args.dp_secret_seed,
+            secure_mode=args.dp_secure_mode,
+        )
+
     @property
     def rounds_run(self) -> int:
         return sum(int(n) for _, _, n in self.accountant.history)

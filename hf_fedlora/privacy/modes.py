@@ -14,17 +14,7 @@ def privacy_from_args(args: Any) -> FederatedPrivacy | ClientLevelPrivacy:
     """Unit one example: the per-client DP-SGD engine (also the non-private case, `enabled` False). Unit one client:
     the aggregator's DP-FedAvg."""
     if args.private and args.dp_unit == "client":
-        return ClientLevelPrivacy(
-            target_epsilon=args.dp_target_epsilon,
-            target_delta=args.dp_target_delta,
-            noise_multiplier=args.dp_noise_multiplier,
-            clip_norm=args.dp_clip_norm,
-            clipping=args.dp_clipping,
-            accountant=args.dp_accountant,
-            relation=args.dp_neighbouring_relation,
-            secret_seed=args.dp_secret_seed,
-            secure_mode=args.dp_secure_mode,
-        )
+        return ClientLevelPrivacy.from_args(args)
     return FederatedPrivacy.from_args(args)
 
 
