@@ -634,7 +634,7 @@ class FederatedTrainer(Trainer):
             record["label_proportions"] = args.parsed_label_proportions()
         if args.partition == "column":
             record["client_column"] = args.client_column
-        record["min_size"] = args.partition_min_size
+        record["min_size"] = args.effective_partition_min_size
         record["draws"] = self._partition_draws
         return record
 

@@ -90,9 +90,10 @@ class FederatedTrainingArguments(TrainingArguments):
     min_clients_per_round: int | None = field(
         default=None,
         metadata={
-            "help": "Tolerate failing clients: a round whose client raises still aggregates the clients that "
-            "finished if at least this many did (the failed clients' spent privacy stays counted), else training "
-            "stops with an error. Default: None, any client failure stops training."
+            "help": "Tolerate failing clients: a (sub-)round still aggregates the clients that finished if at least "
+            "min(this, the round's participants) did (the failed clients' spent privacy stays counted), else training "
+            "stops with an error. Default: None, any client failure stops training. The same rule in process and "
+            "under Flower (run config min-clients-per-round)."
         },
     )
     eval_every_rounds: int = field(
@@ -103,12 +104,13 @@ class FederatedTrainingArguments(TrainingArguments):
         default="iid", metadata={"help": f"How to split one train_dataset among clients: one of {PARTITIONS}."}
     )
     partition_seed: int | None = field(default=None, metadata={"help": "Seed of the partition. Default: seed."})
-    partition_min_size: int = field(
-        default=1,
+    partition_min_size: int | None = field(
+        default=None,
         metadata={
             "help": "Fewest examples a client of a split train_dataset may hold (Flower Datasets' min_partition_size). "
             "A dirichlet split below it re-draws the label proportions (a bounded number of times; the record says "
-            "how many draws); any other scheme below it is refused. Default 1: no empty client."
+            "how many draws); any other scheme below it is refused. Default: under example-level DP the logical "
+            "batch (a smaller client's Poisson rate would exceed 1), else 1 (no empty client)."
         },
     )
     label_column: str | None = field(
@@ -271,6 +273,15 @@ class FederatedTrainingArguments(TrainingArguments):
     def private(self) -> bool:
         return self.dp_target_epsilon is not None or self.dp_noise_multiplier is not None
 
+    @property
+    def effective_partition_min_size(self) -> int:
+        """partition_min_size, else the logical batch under example-level DP (q = batch / n must stay <= 1), else 1."""
+        if self.partition_min_size is not None:
+            return self.partition_min_size
+        if self.private and self.dp_unit == "example":
+            return self.per_device_train_batch_size * self.gradient_accumulation_steps
+        return 1
+
     def parsed_label_proportions(self) -> list[list[float]] | None:
         if self.label_proportions is None or isinstance(self.label_proportions, list):
             return self.label_proportions
@@ -309,7 +320,8 @@ class FederatedTrainingArguments(TrainingArguments):
         _require_choice(self.aggregation_weights, "aggregation_weights", AGGREGATION_WEIGHTS)
         _require_int(self.eval_every_rounds, "eval_every_rounds", minimum=1)
         _require_choice(self.partition, "partition", PARTITIONS)
-        _require_int(self.partition_min_size, "partition_min_size", minimum=1)
+        if self.partition_min_size is not None:
+            _require_int(self.partition_min_size, "partition_min_size", minimum=1)
         if not self.dirichlet_alpha > 0:
             raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha}")
         if self.label_proportions is not None and not isinstance(self.label_proportions, list):

@@ -442,7 +442,34 @@ def test_minimum_larger_than_the_data_allows_is_refused_before_any_draw():
 def test_training_arguments_validate_partition_min_size(tmp_path):
     from tiny import fed_args
 
-    assert fed_args(tmp_path).partition_min_size == 1
-    assert fed_args(tmp_path, partition_min_size=50).partition_min_size == 50
+    assert fed_args(tmp_path).partition_min_size is None and fed_args(tmp_path).effective_partition_min_size == 1
+    private = fed_args(tmp_path, dp_noise_multiplier=1.0, per_device_train_batch_size=16, gradient_accumulation_steps=6)
+    assert private.effective_partition_min_size == 96  # under DP a smaller client's Poisson rate would exceed 1
+    assert fed_args(tmp_path, partition_min_size=50).effective_partition_min_size == 50
     with pytest.raises(ValueError, match="partition_min_size must be an integer >= 1, got 0"):
         fed_args(tmp_path, partition_min_size=0)
+
+
+def test_the_issues_split_trains_under_dp_instead_of_being_refused(tmp_path):
+    """8 Dirichlet(0.5) clients of 8,000 binary examples left a client with 19 and a DP run refused to start: the
+    minimum size defaults to the logical batch under DP, the proportions are re-drawn, and the record says so."""
+    from tiny import fed_args, tiny_peft
+
+    from hf_fedlora import FederatedTrainer, FFALoraConfig
+
+    data = BINARY_8000.map(lambda row, i: {"input_ids": [1 + i % 60, 2], "attention_mask": [1, 1]}, with_indices=True)
+    args = fed_args(
+        tmp_path,
+        num_clients=8,
+        partition="dirichlet",
+        dirichlet_alpha=0.5,
+        seed=0,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=6,
+        dp_target_epsilon=8.0,
+        dp_target_delta=1e-6,
+    )
+    trainer = FederatedTrainer(tiny_peft(FFALoraConfig), args, train_dataset=data)
+    assert min(len(client) for client in trainer.client_datasets.values()) >= 96
+    partition = trainer.federated_record()["partition"]
+    assert partition["min_size"] == 96 and partition["draws"] == 2  # seed 0: the first draw left a client short

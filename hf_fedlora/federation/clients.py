@@ -42,7 +42,7 @@ def clients_from(
             dirichlet_alpha=args.dirichlet_alpha,
             label_proportions=args.parsed_label_proportions(),
             client_column=args.client_column,
-            min_partition_size=args.partition_min_size,
+            min_partition_size=args.effective_partition_min_size,
         )
         clients, given, draws = dict(partition), False, partition.draws
     elif isinstance(train_dataset, Mapping):
