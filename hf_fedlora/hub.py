@@ -297,6 +297,7 @@ def _continued_context(continued: Mapping[str, Any] | None) -> dict[str, Any] | 
         "rounds": continued.get("rounds"),
         "epsilon": format_epsilon(epsilon) if epsilon is not None else None,
         "private": bool(continued.get("private")),
+        "worst_case": continued.get("composed") == "worst earlier client",
     }
 
 

@@ -49,6 +49,9 @@ def test_a_re_split_makes_every_client_answer_for_the_worst_earlier_client(tmp_p
         assert client["history"][-1] == own[0] and client["steps"] == sum(n for _, _, n in client["history"])
     first_max = max(c["epsilon"] for c in first.privacy_report()["clients"].values())
     assert report["epsilon"] > first_max
+    second.save_model()
+    card = (tmp_path / "second" / "README.md").read_text()
+    assert "composes the worst earlier client's history with its own steps" in card
 
 
 def test_the_same_split_composes_by_client(tmp_path):
