@@ -197,6 +197,7 @@ def test_nothing_published_names_the_clients_or_says_who_or_how_many_took_part(t
         local_steps=1,
         dp_noise_multiplier=1.0,
         dp_target_delta=1e-4,
+        dp_secret_seed=4,  # reproducible secret sampling: site_c takes part in round 2, with others who finish
         min_clients_per_round=1,
         disable_tqdm=False,
         logging_strategy="steps",
@@ -206,8 +207,12 @@ def test_nothing_published_names_the_clients_or_says_who_or_how_many_took_part(t
     sizes = {"site_a": 137, "site_b": 211, "site_c": 173, "site_d": 149}  # numbers that appear nowhere else
     clients = {name: toy_dataset(size, seed=index) for index, (name, size) in enumerate(sizes.items())}
     trainer = FlakyTrainer(tiny_peft(FFALoraConfig), args, train_dataset=clients)
+    sampled, sample = [], trainer.privacy.sample_participants
+    trainer.privacy.sample_participants = lambda names: sampled.append(sample(names)) or sampled[-1]
     with caplog.at_level(logging.DEBUG):
         trainer.train()
+    assert "site_c" in sampled[1] and len(sampled[1]) > 1  # the failure really happened, and the round went on
+    assert len({len(names) for names in sampled}) > 1  # the number taking part varied: there was something to hide
     trainer.save_model()
     captured = capsys.readouterr()
     record = json.loads((tmp_path / FEDERATED_RECORD_NAME).read_text())
