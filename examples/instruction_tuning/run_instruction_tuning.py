@@ -346,7 +346,7 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         del loaded
 
     results["num_clients"] = len(trainer.client_datasets)
-    results["rounds"] = trainer._rounds_done
+    results["rounds"] = trainer.federation.rounds_done
     results["wall_seconds"] = time.time() - started
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if completions is not None:
