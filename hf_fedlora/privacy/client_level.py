@@ -28,7 +28,7 @@ import torch
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_noise_multiplier
 from .dp_optimizer import CLIPPINGS
-from .mechanism import DPMechanism, derived_seed
+from .mechanism import DPMechanism, derived_seed, mechanism_arguments
 from .noise import draw_noise
 from .state import decode_generator_state, encode_generator_state, merged_history
 
@@ -204,17 +204,7 @@ class ClientLevelPrivacy(DPMechanism):
     @classmethod
     def from_args(cls, args: Any) -> ClientLevelPrivacy:
         """The aggregator's mechanism a run's `FederatedTrainingArguments` describe (every driver builds it so)."""
-        return cls(
-            target_epsilon=args.dp_target_epsilon,
-            target_delta=args.dp_target_delta,
-            noise_multiplier=args.dp_noise_multiplier,
-            clip_norm=args.dp_clip_norm,
-            clipping=args.dp_clipping,
-            accountant=args.dp_accountant,
-            relation=args.dp_neighbouring_relation,
-            secret_seed=args.dp_secret_seed,
-            secure_mode=args.dp_secure_mode,
-        )
+        return cls(**mechanism_arguments(args), relation=args.dp_neighbouring_relation)
 
     @property
     def rounds_run(self) -> int:

@@ -29,7 +29,7 @@ from ..federation.adapter_state import factor_of
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_grid, calibrate_noise_multiplier, grid_point
 from .dp_optimizer import ShapedNoiseDPOptimizer
-from .mechanism import DPMechanism, derived_seed
+from .mechanism import DPMechanism, derived_seed, mechanism_arguments
 from .noise import draw_noise
 from .opacus_compat import IAccountant
 from .postprocessing import NOISY_GRADIENT_FILTERS
@@ -126,17 +126,7 @@ class FederatedPrivacy(DPMechanism):
     @classmethod
     def from_args(cls, args: Any) -> FederatedPrivacy:
         """The engine a run's `FederatedTrainingArguments` describe (every driver builds it the same way)."""
-        return cls(
-            target_epsilon=args.dp_target_epsilon,
-            target_delta=args.dp_target_delta,
-            noise_multiplier=args.dp_noise_multiplier,
-            clip_norm=args.dp_clip_norm,
-            clipping=args.dp_clipping,
-            accountant=args.dp_accountant,
-            calibration=args.dp_noise_calibration,
-            secret_seed=args.dp_secret_seed,
-            secure_mode=args.dp_secure_mode,
-        )
+        return cls(**mechanism_arguments(args), calibration=args.dp_noise_calibration)
 
     # --- before training --------------------------------------------------------------
     def plan(

@@ -11,6 +11,7 @@ state exists that could regenerate them.
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,20 @@ from .dp_optimizer import CLIPPINGS
 def derived_seed(seed: int, index: int, stream: int) -> int:
     """Independent seeds for independent streams (per client: batch sampling vs noise) from one secret root."""
     return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def mechanism_arguments(args: Any) -> dict[str, Any]:
+    """What every mechanism takes from a run's `FederatedTrainingArguments`."""
+    return {
+        "target_epsilon": args.dp_target_epsilon,
+        "target_delta": args.dp_target_delta,
+        "noise_multiplier": args.dp_noise_multiplier,
+        "clip_norm": args.dp_clip_norm,
+        "clipping": args.dp_clipping,
+        "accountant": args.dp_accountant,
+        "secret_seed": args.dp_secret_seed,
+        "secure_mode": args.dp_secure_mode,
+    }
 
 
 class DPMechanism:
