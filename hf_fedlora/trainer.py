@@ -457,14 +457,14 @@ class FederatedTrainer(Trainer):
     # ------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
         """checkpoint-N, written whole in a hidden folder and renamed into place: a crash never leaves a folder
-        that a later run would take for a checkpoint. It holds no secret DP state (that is in the secret store)."""
+        that a later run would take for a checkpoint. It holds no secret DP state: the round already wrote that to the
+        secret store, which the checkpoint names."""
         rounds = self._rounds_done
         final = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{rounds}")
         partial = os.path.join(self.args.output_dir, f".partial-{PREFIX_CHECKPOINT_DIR}-{rounds}")
         shutil.rmtree(partial, ignore_errors=True)
         self._save(partial)
         save_file({k: v.contiguous() for k, v in self._global_state.items()}, os.path.join(partial, RESUME_WEIGHTS))
-        self._write_secret_state()
         write_json_atomically(os.path.join(partial, RESUME_STATE), self._resume_state(), default=_json_default)
         if os.path.isdir(final):
             shutil.rmtree(final)

@@ -53,15 +53,20 @@ def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float, clipping: 
     return {key: u * scale for key, u in update.items()}
 
 
-def client_level_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str, relation: str):
-    """Epsilon of a client-level history under the relation. Replace-one with every client in every round is the
-    Gaussian mechanism at sensitivity 2C, i.e. add/remove at noise multiplier sigma / 2."""
+def add_or_remove_equivalent(history: Iterable[Iterable[float]], relation: str) -> list[tuple[float, float, int]]:
+    """The history the add/remove accountants account for this relation. Replace-one with every client in every
+    round is the Gaussian mechanism at sensitivity 2C, i.e. add/remove at noise multiplier sigma / 2."""
     history = [(float(s), float(q), int(n)) for s, q, n in history]
-    if relation == REPLACE_ONE:
-        if any(q != 1.0 for _, q, n in history if n):
-            raise ValueError("replace_one is accounted here for full participation (sample rate 1) only")
-        history = [(s / 2, q, n) for s, q, n in history]
-    return epsilon_from_history(history, delta, accountant)
+    if relation != REPLACE_ONE:
+        return history
+    if any(q != 1.0 for _, q, n in history if n):
+        raise ValueError("replace_one is accounted here for full participation (sample rate 1) only")
+    return [(s / 2, q, n) for s, q, n in history]
+
+
+def client_level_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str, relation: str):
+    """Epsilon of a client-level history under the relation."""
+    return epsilon_from_history(add_or_remove_equivalent(history, relation), delta, accountant)
 
 
 class ClientLevelPrivacy(DPMechanism):
@@ -143,12 +148,9 @@ class ClientLevelPrivacy(DPMechanism):
             self.sample_rate,
             rounds,
             self.accountant_name,
-            prior_history=tuple(self._effective(self.prior_history)),
+            prior_history=tuple(add_or_remove_equivalent(self.prior_history, self.relation)),
         )
         return 2 * effective if self.relation == REPLACE_ONE else effective
-
-    def _effective(self, history):
-        return [(s / 2, q, n) for s, q, n in history] if self.relation == REPLACE_ONE else list(history)
 
     def _refuse_overspending(self, rounds: int) -> None:
         if self.target_epsilon is None:

@@ -376,13 +376,10 @@ class FederatedPrivacy(DPMechanism):
         client.accountant.step(noise_multiplier=client.noise_multiplier, sample_rate=client.sample_rate)
 
     # --- reporting ----------------------------------------------------------------------
-    def _reported_clients(self) -> dict[str, ClientPrivacy]:
-        return self.clients
-
     def epsilon(self, name: str, client: ClientPrivacy | None = None) -> float:
         """The client's epsilon: the worst of its candidate histories; recomputed only when they changed since the
         last call (with 1,000 clients and 10 per round, a round's log recomputes 10)."""
-        client = client if client is not None else self._reported_clients()[name]
+        client = client if client is not None else self.clients[name]
         candidates = client.candidates()
         key = tuple(tuple(history) for history in candidates)
         cached = self._epsilon_cache.get(name)
@@ -393,14 +390,14 @@ class FederatedPrivacy(DPMechanism):
 
     def history(self, name: str, client: ClientPrivacy | None = None) -> History:
         """The client's reported history: its worst candidate composed with its own steps."""
-        client = client if client is not None else self._reported_clients()[name]
+        client = client if client is not None else self.clients[name]
         return max(client.candidates(), key=lambda h: epsilon_from_history(h, self.delta, self.accountant_name))
 
     def max_epsilon(self) -> float:
-        return max((self.epsilon(name, c) for name, c in self._reported_clients().items()), default=0.0)
+        return max((self.epsilon(name, c) for name, c in self.clients.items()), default=0.0)
 
     def client_report(self, name: str, client: ClientPrivacy | None = None) -> dict[str, Any]:
-        client = client if client is not None else self._reported_clients()[name]
+        client = client if client is not None else self.clients[name]
         history = self.history(name, client)
         return {
             "epsilon": self.epsilon(name, client),
@@ -427,7 +424,7 @@ class FederatedPrivacy(DPMechanism):
         """Everything needed to re-derive each client's epsilon with an independent accountant."""
         if not self.enabled:
             return {"private": False, "unit": None, "epsilon": None, "clients": {}}
-        clients = {name: self.client_report(name, c) for name, c in self._reported_clients().items()}
+        clients = {name: self.client_report(name, c) for name, c in self.clients.items()}
         return self.report_header() | {
             "epsilon": max((c["epsilon"] for c in clients.values()), default=0.0),
             "clients": clients,
@@ -477,22 +474,6 @@ class FederatedPrivacy(DPMechanism):
         """Clients that ran more steps than planned (a crash after a checkpoint): the next plan gives them the noise
         that keeps what is left within the target."""
         self._recalibrate.update(names)
-
-    def catch_up(self, saved: Mapping[str, Any], device: torch.device) -> list[str]:
-        """Take each client's state from a saved one where that client ran further (a crash after a checkpoint):
-        those steps stay counted (epsilon may be over-counted, never under-counted) and the noise and sampling
-        streams continue instead of replaying; a target-calibrated client gets new noise for what is left (see
-        `plan`). Returns the clients that were behind."""
-        behind = []
-        for name, state in saved.get("clients", {}).items():
-            client = self.clients.get(name)
-            steps = sum(int(n) for _, _, n in state["history"])
-            if client is None or steps <= client.steps_taken:
-                continue
-            self.clients[name] = self.client_from_state(state, device)
-            self._recalibrate.add(name)
-            behind.append(name)
-        return behind
 
     def client_from_state(self, s: Mapping[str, Any], device: torch.device) -> ClientPrivacy:
         """A client's privacy state from `client_state` (JSON-safe, RNG states in base64)."""

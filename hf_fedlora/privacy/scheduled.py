@@ -66,9 +66,8 @@ class ScheduledAccounts:
             )
         client = ScheduledClient(num_examples, rate, sigma, candidates, spent)
         if self.target_epsilon is not None and planned_steps:
-            client.scheduled = planned_steps
-            projected = max(self._epsilon(h) for h in client.candidates())
-            client.scheduled = 0
+            planned = (sigma, rate, planned_steps)
+            projected = max(self._epsilon(merged_history(h + [planned])) for h in client.candidates())
             if projected > self.target_epsilon:
                 raise ValueError(
                     f"client {name!r} planned noise {sigma:.4g} at rate {rate:.4g}: its {planned_steps} planned steps "
