@@ -683,7 +683,7 @@ def _read_federation(record: Mapping[str, Any], problems: list[Problem], notes: 
         sizes=sizes,
         batch_size=numbers["batch_size"],
         rounds=rounds,
-        sub_rounds=2 if method["method"] == "deer" and method.get("deviation_eliminator") is True else 1,
+        sub_rounds=_sub_rounds(record, method, rounds, problems),
         steps_per_round=_steps_per_round(record, sizes, numbers["batch_size"], problems),
         participation=None,
         scheduled_names=set(),
@@ -701,6 +701,37 @@ def _read_federation(record: Mapping[str, Any], problems: list[Problem], notes: 
             "round): each client's steps were only checked against the most it could have run."
         )
     return federation
+
+
+# Local passes per round of the methods this release knows (DEeR's deviation eliminator: B, then A).
+_KNOWN_SUB_ROUNDS = {"lora": 1, "ffa_lora": 1, "rolora": 1, "la_lora": 1, "deer": 2}
+
+
+def _sub_rounds(record: Mapping[str, Any], method: Mapping[str, Any], rounds: int, problems: list[Problem]) -> int:
+    """Local passes per round: the record's `sub_rounds_per_round` (the same every round), checked against the rule
+    of a method this release knows; older records without it, the rule alone."""
+    name = method["method"]
+    known = _KNOWN_SUB_ROUNDS.get(name)
+    if name == "deer" and method.get("deviation_eliminator") is not True:
+        known = 1
+    recorded = record.get("sub_rounds_per_round")
+    if recorded is None:
+        return known if known is not None else 1
+    if not (isinstance(recorded, list) and len(recorded) == rounds and len(set(recorded)) <= 1):
+        problems.append(
+            Problem("record-malformed", f"sub_rounds_per_round must list one count per round, got {recorded!r}")
+        )
+        return known if known is not None else 1
+    value = recorded[0] if recorded else (known or 1)
+    if not _is_int(value) or value < 1 or (known is not None and value != known):
+        problems.append(
+            Problem(
+                "record-schedule-mismatch",
+                f"sub_rounds_per_round says {value!r} local passes a round; method {name!r} runs {known}",
+            )
+        )
+        return known if known is not None else 1
+    return value
 
 
 def _steps_per_round(

@@ -507,8 +507,17 @@ def test_a_deer_record_counts_two_sub_rounds_a_round(tmp_path):
     report = verify_adapter(tmp_path / "adapter")
     assert report.ok, report.problems
     assert report.notes == []  # not even more steps than scheduled
-    clients = json.loads((tmp_path / "adapter" / FEDERATED_RECORD_NAME).read_text())["privacy"]["clients"]
-    assert {client["steps"] for client in clients.values()} == {2 * 2 * 2}
+    record = json.loads((tmp_path / "adapter" / FEDERATED_RECORD_NAME).read_text())
+    assert {client["steps"] for client in record["privacy"]["clients"].values()} == {2 * 2 * 2}
+    assert record["sub_rounds_per_round"] == [2, 2]
+
+    def one_pass_a_round(record):  # a forger who halves the steps and says DEeR ran one pass a round
+        record["sub_rounds_per_round"] = [1, 1]
+        for client in record["privacy"]["clients"].values():
+            client["history"][0][2] = client["steps"] = 2 * 2
+
+    restate(tmp_path / "adapter", one_pass_a_round)
+    assert "record-schedule-mismatch" in problem_names(tmp_path / "adapter")
 
 
 def with_schedule(folder: Path, schedule: dict, steps_per_round: dict, change=lambda record: None) -> None:
