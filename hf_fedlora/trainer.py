@@ -48,6 +48,7 @@ from .privacy import (
 from .privacy.client_level import ClientLevelPrivacy
 from .privacy.modes import client_round_privacy, privacy_from_args, server_accounts
 from .privacy.secret_store import SecretStore, new_run_id
+from .privacy.state import steps_of
 from .server import ClientFacts, ClientFailure, ClientRelease, Federation, PlanRequest
 from .training_args import FederatedTrainingArguments
 
@@ -547,7 +548,7 @@ class FederatedTrainer(Trainer):
         behind = [
             name
             for name, client in self.privacy.clients.items()
-            if name in accounts.clients and client.steps_taken > _steps(accounts.clients[name].own_history())
+            if name in accounts.clients and client.steps_taken > steps_of(accounts.clients[name].own_history())
         ]
         self.privacy.recalibrate_on_next_plan(behind)
         return behind
@@ -791,10 +792,6 @@ def _federated_config(model: Any) -> FedLoraConfig:
     if not adapter_parameters(model):
         raise ValueError("The model has no LoRA parameters: check target_modules")
     return config
-
-
-def _steps(history: Sequence[Sequence[float]]) -> int:
-    return sum(int(n) for _, _, n in history)
 
 
 def _json_default(value: Any) -> Any:

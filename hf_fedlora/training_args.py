@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -263,9 +262,8 @@ class FederatedTrainingArguments(TrainingArguments):
 
     def __str__(self) -> str:
         """As Trainer's (which prints every field), with the secret DP seed hidden: arguments reach logs."""
-        masked = dataclasses.replace(self, dp_secret_seed=None) if self.dp_secret_seed is not None else self
-        text = TrainingArguments.__str__(masked)
-        return text.replace("dp_secret_seed=None", "dp_secret_seed=" + SECRET_MASK) if masked is not self else text
+        text = super().__str__()  # one "name=value," line per field
+        return text.replace(f"\ndp_secret_seed={self.dp_secret_seed},", f"\ndp_secret_seed={SECRET_MASK},")
 
     __repr__ = __str__
 

@@ -30,7 +30,7 @@ from .calibration import calibrate_noise_multiplier
 from .dp_optimizer import CLIPPINGS
 from .mechanism import DPMechanism, derived_seed, mechanism_arguments
 from .noise import draw_noise
-from .state import decode_generator_state, encode_generator_state, merged_history
+from .state import decode_generator_state, encode_generator_state, merged_history, steps_of
 
 ADD_OR_REMOVE_ONE, REPLACE_ONE = "add_or_remove_one", "replace_one"
 NEIGHBOURING_RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
@@ -210,7 +210,7 @@ class ClientLevelPrivacy(DPMechanism):
 
     @property
     def rounds_run(self) -> int:
-        return sum(int(n) for _, _, n in self.accountant.history)
+        return steps_of(self.accountant.history)
 
     @property
     def history(self) -> list[tuple[float, float, int]]:
@@ -242,7 +242,7 @@ class ClientLevelPrivacy(DPMechanism):
             "sample_rate": self.sample_rate,
             "expected_clients_per_round": self.expected_clients,
             "releases_per_round": self.releases_per_round,
-            "rounds": sum(int(n) for _, _, n in history),
+            "rounds": steps_of(history),
             "history": [list(entry) for entry in history],
             "secure_mode": self.secure_mode,
             "seeded": self.seeded,

@@ -33,7 +33,7 @@ from .mechanism import DPMechanism, derived_seed, mechanism_arguments
 from .noise import draw_noise
 from .opacus_compat import IAccountant
 from .postprocessing import NOISY_GRADIENT_FILTERS
-from .state import History, decode_generator_state, encode_generator_state, merged_history
+from .state import History, decode_generator_state, encode_generator_state, merged_history, steps_of
 
 UNIT = "example"  # the default unit of privacy
 UNITS = ("example", "client")
@@ -75,7 +75,7 @@ class ClientPrivacy:
     @property
     def steps_taken(self) -> int:
         """Steps run in this run (what the step budget counts)."""
-        return sum(int(steps) for _, _, steps in self.accountant.history)
+        return steps_of(self.accountant.history)
 
     def candidates(self) -> list[History]:
         """Each possible total history of one of its examples: a prior candidate (or nothing) + this run's steps."""
@@ -404,7 +404,7 @@ class FederatedPrivacy(DPMechanism):
             "num_examples": client.num_examples,
             "noise_multiplier": client.noise_multiplier,
             "sample_rate": client.sample_rate,
-            "steps": sum(int(n) for _, _, n in history),
+            "steps": steps_of(history),
             "history": [list(entry) for entry in history],
         }
 

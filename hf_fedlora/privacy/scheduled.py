@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .accountants import epsilon_from_history
-from .state import History, merged_history
+from .state import History, merged_history, steps_of
 
 
 @dataclass
@@ -59,10 +59,10 @@ class ScheduledAccounts:
         candidates = [merged_history(c) for c in plan.get("prior_candidates") or []]
         spent = merged_history(plan.get("own_history") or [])
         previous = self.clients.get(name)
-        if previous is not None and _steps(spent) < _steps(previous.own_history()):
+        if previous is not None and steps_of(spent) < steps_of(previous.own_history()):
             raise ValueError(
-                f"client {name!r} re-planned with {_steps(spent)} steps spent in this run, but the server scheduled "
-                f"{_steps(previous.own_history())}: its plan is refused"
+                f"client {name!r} re-planned with {steps_of(spent)} steps spent in this run, but the server scheduled "
+                f"{steps_of(previous.own_history())}: its plan is refused"
             )
         client = ScheduledClient(num_examples, rate, sigma, candidates, spent)
         if self.target_epsilon is not None and planned_steps:
@@ -115,7 +115,7 @@ class ScheduledAccounts:
                 "num_examples": c.num_examples,
                 "noise_multiplier": c.noise_multiplier,
                 "sample_rate": c.sample_rate,
-                "steps": _steps(self.history(name)),
+                "steps": steps_of(self.history(name)),
                 "history": [list(entry) for entry in self.history(name)],
             }
             for name, c in self.clients.items()
@@ -153,10 +153,6 @@ class ScheduledAccounts:
             )
             for name, s in state.items()
         }
-
-
-def _steps(history: History) -> int:
-    return sum(int(n) for _, _, n in history)
 
 
 def _within(reported: History, expected: History, slack: int) -> bool:

@@ -24,6 +24,11 @@ def merged_history(history: Iterable[Iterable[float]]) -> History:
     return merged
 
 
+def steps_of(history: Iterable[Iterable[float]]) -> int:
+    """How many steps (or rounds) a history spent."""
+    return sum(int(steps) for _, _, steps in history)
+
+
 def encode_generator_state(generator: torch.Generator) -> str:
     return base64.b64encode(generator.get_state().cpu().numpy().tobytes()).decode("ascii")
 
