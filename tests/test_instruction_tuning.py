@@ -256,7 +256,7 @@ def test_two_round_dp_federated_run_saves_an_adapter_plain_peft_generates_with(t
         data_collator=InstructionDataCollator(tokenizer),
         processing_class=tokenizer,
     )
-    a_before = {k: v.clone() for k, v in trainer._global_state.items() if ".lora_A." in k}
+    a_before = {k: v.clone() for k, v in trainer.global_state().items() if ".lora_A." in k}
     metrics = trainer.train().metrics
     trainer.save_model()
 
@@ -268,9 +268,9 @@ def test_two_round_dp_federated_run_saves_an_adapter_plain_peft_generates_with(t
         accountant.history = [tuple(entry) for entry in client["history"]]
         assert client["epsilon"] == pytest.approx(accountant.get_epsilon(report["delta"]), rel=1e-9)
     assert json.loads((tmp_path / FEDERATED_RECORD_NAME).read_text())["privacy"]["epsilon"] == metrics["epsilon"]
-    trained_a = any(not torch.equal(a_before[k], trainer._global_state[k]) for k in a_before)
+    trained_a = any(not torch.equal(a_before[k], trainer.global_state()[k]) for k in a_before)
     assert trained_a == (config_cls is DeerConfig)  # FFA-LoRA never moves A; DEeR's second sub-round does
-    assert all(trainer._global_state[k].any() for k in trainer._global_state if ".lora_B." in k)
+    assert all(trainer.global_state()[k].any() for k in trainer.global_state() if ".lora_B." in k)
 
     base = tiny_causal_lm("llama", adapter=False)  # same seed: the same base weights, as a fresh process builds them
     loaded = PeftModel.from_pretrained(base, str(tmp_path))  # plain peft: no hf_fedlora config involved
@@ -363,7 +363,7 @@ def test_every_method_and_privacy_unit_trains_a_causal_lm_on_chat_data(tmp_path,
         train_dataset=data,
         data_collator=InstructionDataCollator(tokenizer),
     )
-    before = {k: v.clone() for k, v in trainer._global_state.items()}
+    before = {k: v.clone() for k, v in trainer.global_state().items()}
     metrics = trainer.train().metrics
     assert metrics["epsilon"] > 0 and trainer.privacy_report()["unit"] == unit
-    assert any(not torch.equal(before[k], trainer._global_state[k]) for k in before)
+    assert any(not torch.equal(before[k], trainer.global_state()[k]) for k in before)

@@ -184,12 +184,12 @@ def test_la_lora_dp_run_on_tiny_swin_reports_an_independently_checked_epsilon(tm
         ),
         train_dataset=image_dataset(),
     )
-    start = {k: v.clone() for k, v in trainer._global_state.items()}
+    start = {k: v.clone() for k, v in trainer.global_state().items()}
     trainer.train()
     report = trainer.privacy_report()
     assert 0 < report["epsilon"] <= 4.0
     for client in report["clients"].values():
         assert client["steps"] == 6
         assert client["epsilon"] == pytest.approx(independent_rdp_epsilon(client["history"], 1e-3), rel=0.02)
-    moved = {factor_of(k) for k in start if not torch.equal(start[k], trainer._global_state[k])}
+    moved = {factor_of(k) for k in start if not torch.equal(start[k], trainer.global_state()[k])}
     assert {LORA_A, LORA_B} <= moved

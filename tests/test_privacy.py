@@ -68,11 +68,11 @@ def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def global_update(trainer: FederatedTrainer, start: dict[str, torch.Tensor]) -> torch.Tensor:
     """The global adapter's change since `start`, over every trainable tensor, as one vector."""
-    return flat({name: trainer._global_state[name] - start[name] for name in start})
+    return flat({name: trainer.global_state()[name] - start[name] for name in start})
 
 
 def copy_state(trainer: FederatedTrainer) -> dict[str, torch.Tensor]:
-    return {name: tensor.clone() for name, tensor in trainer._global_state.items()}
+    return {name: tensor.clone() for name, tensor in trainer.global_state().items()}
 
 
 def independent_epsilon(history, delta: float, accountant: str) -> float:
@@ -142,7 +142,7 @@ def test_noise_is_added_with_std_sigma_times_clip_over_expected_batch(tmp_path, 
     # Fresh noise every step, not a fixed offset.
     assert not torch.allclose(flat(noisy), flat(noisy_again))
     # The noise-free part is the clipped mean step: at most C per sampled example, over B.
-    start = flat({name: trainer._global_state[name] for name in clean})
+    start = flat({name: trainer.global_state()[name] for name in clean})
     assert 0 < (flat(clean) - start).norm() <= clip * batch_sizes[0] / batch + 1e-5
 
 
@@ -328,7 +328,7 @@ def test_training_past_the_budget_is_refused_and_loses_nothing(tmp_path):
     assert f"{projected:.3f}" in str(error.value)
     assert "client_0" in str(error.value)
     assert trainer.privacy_report() == report
-    assert all(torch.equal(adapter[name], trainer._global_state[name]) for name in adapter)
+    assert all(torch.equal(adapter[name], trainer.global_state()[name]) for name in adapter)
     assert all(torch.equal(weights[name], p) for name, p in trainer.model.named_parameters())
     assert trainer.state.global_step == 1
     assert {name: c.step_budget for name, c in trainer.privacy.clients.items()} == budgets

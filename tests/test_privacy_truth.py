@@ -58,7 +58,7 @@ def test_secret_seed_reproduces_a_run_and_is_never_published(tmp_path, caplog):
         first, first_batches = dp_run(tmp_path / "a", dp_secret_seed=secret)
     second, second_batches = dp_run(tmp_path / "b", dp_secret_seed=secret)
     assert first_batches == second_batches
-    assert all(torch.equal(first._global_state[k], second._global_state[k]) for k in first._global_state)
+    assert all(torch.equal(first.global_state()[k], second.global_state()[k]) for k in first.global_state())
     assert "only while that seed stays secret" in caplog.text
 
     first.save_model()
@@ -284,10 +284,10 @@ def test_continuing_past_the_target_is_refused_before_training(tmp_path):
     """A target the earlier run already used up is refused, naming the knowing way out, and nothing trains."""
     path = trained_dp_adapter(tmp_path, target=2.0)
     second = continued(path, tmp_path, dp_target_epsilon=1.5)
-    before = {k: v.clone() for k, v in second._global_state.items()}
+    before = {k: v.clone() for k, v in second.global_state().items()}
     with pytest.raises(ValueError, match="dp_new_privacy_budget"):
         second.train()
-    assert all(torch.equal(before[k], second._global_state[k]) for k in before)
+    assert all(torch.equal(before[k], second.global_state()[k]) for k in before)
 
 
 def test_a_trained_adapter_without_a_record_is_refused_under_dp(tmp_path):

@@ -41,7 +41,7 @@ def run_args(tmp_path, **overrides):
 
 
 def state_of(trainer: FederatedTrainer) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in trainer._global_state.items()}
+    return {k: v.clone() for k, v in trainer.global_state().items()}
 
 
 @pytest.mark.parametrize("config_cls", [FFALoraConfig, RoLoraConfig], ids=["ffa_lora", "rolora"])
@@ -70,7 +70,7 @@ def test_resume_gives_the_uninterrupted_run_bit_for_bit(tmp_path, config_cls, pr
 
     assert resumed._rounds_done == 4
     for name, tensor in state_of(whole).items():
-        assert torch.equal(tensor, resumed._global_state[name]), name
+        assert torch.equal(tensor, resumed.global_state()[name]), name
     assert resumed.privacy_report() == whole.privacy_report()
     assert [r["round"] for r in resumed.federated_record()["round_history"]] == [1, 2, 3, 4]
 

@@ -79,7 +79,7 @@ def run(tmp_path, config_cls, streaming: bool):
     if not streaming:
         trainer.method.streaming_aggregator = lambda: None  # a method that asks for all uploads at once
     trainer.train()
-    return {k: v.clone() for k, v in trainer._global_state.items()}, calls
+    return {k: v.clone() for k, v in trainer.global_state().items()}, calls
 
 
 @pytest.mark.parametrize("config_cls", CONFIG_CLASSES, ids=[c.method_class.name for c in CONFIG_CLASSES])
