@@ -157,7 +157,7 @@ def test_run_glue_local_pairs_under_dp_saves_metrics_and_a_plain_peft_adapter(as
         assets, out,
         "--train_file", str(assets / "train.csv"), "--validation_file", str(assets / "validation.csv"),
         "--dp_target_epsilon", "8", "--dp_accountant", "rdp", "--per_device_train_batch_size", "4",
-        "--push_to_hub", "true", "--hub_model_id", "org/glue-adapter",
+        "--push_to_hub", "true", "--hub_model_id", "org/glue-adapter", "--dp_recipe", "false",
     )  # fmt: skip
     with mock.patch.object(HfApi, "create_repo"), mock.patch.object(HfApi, "upload_folder") as upload_folder:
         trainer = run_glue.main(args)

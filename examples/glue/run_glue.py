@@ -27,7 +27,6 @@ from datasets import DatasetDict, load_dataset
 from peft import get_peft_model
 from transformers import (
     AutoConfig,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
@@ -39,6 +38,9 @@ from transformers import (
 from hf_fedlora import FederatedTrainer, FederatedTrainingArguments, methods
 from hf_fedlora.hub import format_delta, format_epsilon
 from hf_fedlora.metrics import load_glue_metric
+from hf_fedlora.models import POOLINGS, load_sequence_classifier, sequence_classifier_class
+from hf_fedlora.models.pooling import pools_tokens
+from hf_fedlora.recipe import apply_dp_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +107,44 @@ class ModelArguments:
         },
     )
 
+    pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the classifier head reads: 'mean' (masked mean over tokens), 'cls' (the first token's state) "
+            "or 'pooler' (the checkpoint's own head: BertForSequenceClassification's pooler). Default: 'mean' under "
+            "the DP recipe, else 'pooler'. 'mean' and 'cls' exist for BERT- and RoBERTa-like checkpoints.",
+            "choices": list(POOLINGS),
+        },
+    )
+    dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "The encoder's hidden and attention dropout. Default: 0 under the DP recipe, else the checkpoint's."
+        },
+    )
+    lora_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated layer indices that get LoRA (PEFT's layers_to_transform), e.g. '3,4,5'. "
+            "Default: the upper half under the DP recipe, else every layer."
+        },
+    )
+    dp_recipe: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Fill every setting you did not give from hf_fedlora's DP recipe (hf_fedlora.recipe): logical "
+            "batch, rounds, local steps, learning rate, partition_min_size, pooling, dropout, LoRA layers and the "
+            "method's settings, derived from the clients' sizes; it prints each choice. Default: on under "
+            "example-level DP, off otherwise."
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.lora_layers is not None:
+            try:
+                [int(i) for i in self.lora_layers.split(",") if i.strip()]
+            except ValueError:
+                raise ValueError(f"--lora_layers must be comma-separated integers, got {self.lora_layers!r}") from None
         if self.method not in method_names():
             raise ValueError(
                 f"--method {self.method!r} is not a registered hf_fedlora method; use one of {method_names()}"
@@ -158,13 +197,20 @@ class DataTrainingArguments:
             raise ValueError("--validation_file needs --train_file (a GLUE task brings its own validation set)")
 
 
-def parse_args(args: list[str] | None) -> tuple[ModelArguments, DataTrainingArguments, FederatedTrainingArguments]:
-    """Flags, or one JSON file of all the arguments (as transformers' examples accept)."""
+def parse_args(
+    args: list[str] | None,
+) -> tuple[ModelArguments, DataTrainingArguments, FederatedTrainingArguments, set[str]]:
+    """Flags, or one JSON file of all the arguments (as transformers' examples accept); and the names of the fields
+    given (the DP recipe fills only the others)."""
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, FederatedTrainingArguments))
     args = list(sys.argv[1:] if args is None else args)
     if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
-    return parser.parse_args_into_dataclasses(args=args)
+        path = os.path.abspath(args[0])
+        with open(path, encoding="utf-8") as file:
+            given = set(json.load(file))
+        return (*parser.parse_json_file(json_file=path), given)
+    given = {token[2:].split("=", 1)[0].replace("-", "_") for token in args if token.startswith("--")}
+    return (*parser.parse_args_into_dataclasses(args=args), given)
 
 
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments) -> tuple[DatasetDict, str | None]:
@@ -263,7 +309,7 @@ def privacy_metrics(trainer: FederatedTrainer) -> dict[str, Any]:
 
 
 def main(args: list[str] | None = None) -> FederatedTrainer:
-    model_args, data_args, training_args = parse_args(args)
+    model_args, data_args, training_args, given = parse_args(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s")
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
@@ -281,7 +327,7 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
     if not is_regression and num_labels < 2:
         raise ValueError(f"--train_file has a single label {label_list}: classification needs at least two")
 
-    # Model, tokenizer and the federated LoRA adapter.
+    # Config and tokenizer; the model is built once the DP recipe (if any) has chosen its settings.
     config = AutoConfig.from_pretrained(
         model_args.config_name or model_args.model_name_or_path,
         num_labels=num_labels,
@@ -301,30 +347,6 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         token=model_args.token,
         trust_remote_code=model_args.trust_remote_code,
     )
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path,
-        config=config,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        token=model_args.token,
-        trust_remote_code=model_args.trust_remote_code,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-    )
-    config_cls = methods.config_class_for(model_args.method)
-    method_kwargs = json.loads(model_args.method_kwargs) if model_args.method_kwargs else {}
-    try:
-        peft_config = config_cls(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=target_modules(model_args, config.model_type),
-            task_type="SEQ_CLS",  # PEFT then trains and saves the classification head too
-            **method_kwargs,
-        )
-    except TypeError as error:
-        raise ValueError(f"--method_kwargs: {config_cls.__name__} does not take these fields: {error}") from error
-    model = get_peft_model(model, peft_config)
-
     # Tokenize; labels of local files become ids in the sorted order of the training labels.
     padding = "max_length" if data_args.pad_to_max_length else False
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
@@ -346,6 +368,61 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
     eval_dataset = processed.get("validation")
     if eval_dataset is not None and data_args.max_eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
+
+    # The DP recipe: every setting not given, from the clients' sizes (the split the trainer will make).
+    recipe = None
+    if model_args.dp_recipe or (
+        model_args.dp_recipe is None and training_args.private and training_args.dp_unit == "example"
+    ):
+        recipe, training_args = apply_dp_recipe(
+            training_args,
+            train_dataset,
+            model_args.method,
+            num_hidden_layers=getattr(config, "num_hidden_layers", None),
+            keep=sorted(given),
+        )
+        print(recipe.describe())
+    pooling = model_args.pooling or (recipe.pooling if recipe else "pooler")
+    if model_args.pooling is None and pooling != "pooler" and not pools_tokens(config.model_type):
+        print(f"  - {config.model_type} has no '{pooling}' classifier in hf_fedlora.models: its own head ('pooler')")
+        pooling = "pooler"
+    sequence_classifier_class(config.model_type, pooling)  # an unsupported --pooling fails here, before training
+    dropout = model_args.dropout if model_args.dropout is not None else (recipe.dropout if recipe else None)
+    if model_args.lora_layers is not None:
+        layers = [int(i) for i in model_args.lora_layers.split(",") if i.strip()]
+    else:
+        layers = list(recipe.lora_layers) if recipe and recipe.lora_layers is not None else None
+
+    # Model and the federated LoRA adapter.
+    model = load_sequence_classifier(
+        model_args.model_name_or_path,
+        pooling=pooling,
+        dropout=dropout,
+        config=config,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+    )
+    config_cls = methods.config_class_for(model_args.method)
+    method_kwargs = {
+        **(recipe.method_settings if recipe else {}),
+        **(json.loads(model_args.method_kwargs) if model_args.method_kwargs else {}),
+    }
+    try:
+        peft_config = config_cls(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=target_modules(model_args, config.model_type),
+            layers_to_transform=layers,
+            task_type="SEQ_CLS",  # PEFT then trains and saves the classification head too
+            **method_kwargs,
+        )
+    except TypeError as error:
+        raise ValueError(f"--method_kwargs: {config_cls.__name__} does not take these fields: {error}") from error
+    model = get_peft_model(model, peft_config)
 
     metric = load_glue_metric(data_args.task_name or ("regression" if is_regression else "classification"))
 
