@@ -45,6 +45,7 @@ from .demo_task import (
     upload_counting_trainer,
 )
 from .hub import format_delta, format_epsilon
+from .recipe import RECIPE_LOCAL_STEPS, RECIPE_LOGICAL_BATCH, RECIPE_MICRO_BATCH, RECIPE_ROUNDS
 from .training_args import FederatedTrainingArguments
 
 DEMO_EPSILON = 8.0  # the demo's target when no budget is given
@@ -121,18 +122,20 @@ class DemoTrainingArguments(FederatedTrainingArguments):
     """
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Results, plots and one adapter per method."})
-    num_rounds: int = field(default=6, metadata={"help": "Communication rounds."})
+    num_rounds: int = field(default=RECIPE_ROUNDS, metadata={"help": "Communication rounds."})
     num_clients: int | None = field(default=8, metadata={"help": "Clients."})
     local_steps: int | None = field(
-        default=4, metadata={"help": "Local steps per client per round (DEeR splits them among its sub-rounds)."}
+        default=RECIPE_LOCAL_STEPS,
+        metadata={"help": "Local steps per client per round (DEeR splits them among its sub-rounds)."},
     )
     partition: str = field(default="dirichlet", metadata={"help": "Partition of the tweets among clients."})
     per_device_train_batch_size: int = field(
-        default=16,
+        default=RECIPE_MICRO_BATCH,
         metadata={"help": "Physical batch; under DP the expected Poisson batch is this x gradient_accumulation_steps."},
     )
     gradient_accumulation_steps: int = field(
-        default=6, metadata={"help": "Micro-batches per optimizer step (logical batch = physical x this)."}
+        default=RECIPE_LOGICAL_BATCH // RECIPE_MICRO_BATCH,
+        metadata={"help": "Micro-batches per optimizer step (logical batch = physical x this)."},
     )
     per_device_eval_batch_size: int = field(default=128, metadata={"help": "Evaluation batch size."})
     learning_rate: float = field(

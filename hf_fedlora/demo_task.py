@@ -14,7 +14,7 @@ import numpy as np
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_LAYERS = 6
-MINILM_RECIPE_LAYERS = (3, 4, 5)  # benchmarks/RESULTS.md#recipe
+MINILM_RECIPE_LAYERS = (3, 4, 5)  # hf_fedlora.recipe.recipe_lora_layers(6): benchmarks/RESULTS.md#recipe
 
 
 def load_tweet_task(
@@ -52,20 +52,18 @@ def minilm_classifier(dropout: float | None = None, pooling: str = "mean"):
     `pooling`: "mean" (the head reads the masked mean over tokens, as the checkpoint was trained) or "pooler"
     (BertForSequenceClassification, whose head reads BERT's pooler).
     """
-    from transformers import AutoModelForSequenceClassification
-
-    from .models import BertMeanPoolingForSequenceClassification
+    from .models import load_sequence_classifier
     from .offline_assets import TWEET_SENTIMENT_LABELS, minilm_path
 
-    classes = {"mean": BertMeanPoolingForSequenceClassification, "pooler": AutoModelForSequenceClassification}
-    if pooling not in classes:
-        raise ValueError(f"pooling must be one of {sorted(classes)}, got {pooling!r}")
-    return classes[pooling].from_pretrained(
+    if pooling not in ("mean", "pooler"):
+        raise ValueError(f"pooling must be one of ['mean', 'pooler'], got {pooling!r}")
+    return load_sequence_classifier(
         minilm_path(),
+        pooling=pooling,
+        dropout=dropout,
         num_labels=len(TWEET_SENTIMENT_LABELS),
         id2label=dict(enumerate(TWEET_SENTIMENT_LABELS)),
         label2id={label: i for i, label in enumerate(TWEET_SENTIMENT_LABELS)},
-        **({} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}),
     )
 
 

@@ -10,19 +10,20 @@ this module turns it into settings for any federation:
 - the method: its recipe learning rate and settings (FFA-LoRA's lora_B at a tenth of the head's rate), AdamW at a
   constant rate;
 - the schedule, from the clients' sizes: a logical batch of 96 (64 to 256 scored alike at equal examples,
-  RESULTS.md#logical-batch), capped so that the smallest client's sample rate stays at most 1/2 (amplification by
-  subsampling then still pays), and 6 rounds x 4 local steps: 24 noisy steps per client (3 steps at batch 1,024 lost
+  RESULTS.md#logical-batch), capped at the smallest client's size (a client cannot sample more than all its
+  examples; that client then loses its amplification by subsampling and gets more noise, weighted by its small
+  share of the aggregate), and 6 rounds x 4 local steps: 24 noisy steps per client (3 steps at batch 1,024 lost
   3 points, 96 steps at batch 32 scored alike).
 
-`dp_recipe` looks at nothing but the clients' sizes, which example-level DP does not hide (the record states them),
-and the method; what it chose and why is printed at the start (`DPRecipe.describe`) and stated on the model card
-(`DPRecipe.selection_text`, the trainer's `hyperparameter_selection`). It is not meant for client-level DP: there
-the number of clients and of rounds, not the clients' sizes, set the noise.
+`dp_recipe` looks at nothing but the clients' sizes, which the record already states
+(docs/algorithms.md#the-dp-recipes-inputs), and the method; what it chose and why is printed at the start
+(`DPRecipe.describe`) and stated on the model card (`DPRecipe.selection_text`, the trainer's
+`hyperparameter_selection`). It is not meant for client-level DP: there the number of clients and of rounds, not
+the clients' sizes, set the noise.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -42,12 +43,12 @@ RECIPE_LOGICAL_BATCH = 96
 RECIPE_MICRO_BATCH = 16
 RECIPE_ROUNDS = 6
 RECIPE_LOCAL_STEPS = 4
-#: The largest sample rate q = logical batch / client size the recipe accepts for the smallest client.
-MAX_SAMPLE_RATE = 0.5
-#: The smallest logical batch the recipe runs: below it the noise (sigma x clip / batch) swamps the signal.
+#: The smallest logical batch the recipe runs: below it the noise (sigma x clip / batch) swamps the signal. A client
+#: must hold at least this many examples (its sample rate q = batch / size cannot exceed 1).
 MIN_LOGICAL_BATCH = 16
-#: The fewest examples a client must hold for the smallest logical batch at the largest sample rate.
-MIN_CLIENT_SIZE = math.ceil(MIN_LOGICAL_BATCH / MAX_SAMPLE_RATE)
+#: The partition minimum the recipe asks for: a Dirichlet split is re-drawn until every client holds twice the
+#: smallest batch, so that no client starts at q = 1.
+MIN_CLIENT_SIZE = 2 * MIN_LOGICAL_BATCH
 
 
 class RecipeError(ValueError):
@@ -137,12 +138,12 @@ def dp_recipe(
         raise RecipeError(f"micro_batch_size must be an int >= 1, got {micro_batch_size!r}")
     smallest = min(sizes, key=sizes.get)
     n_min, total = sizes[smallest], sum(sizes.values())
-    capped = min(RECIPE_LOGICAL_BATCH, int(MAX_SAMPLE_RATE * n_min))
+    capped = min(RECIPE_LOGICAL_BATCH, n_min)
     if capped < MIN_LOGICAL_BATCH:
         fewer = max(1, total // (4 * MIN_CLIENT_SIZE))  # an average of 4x the minimum leaves room for skew
         raise RecipeError(
-            f"{smallest} holds {n_min} examples: the DP recipe needs every client to hold at least {MIN_CLIENT_SIZE} "
-            f"(a logical batch of at least {MIN_LOGICAL_BATCH} at a sample rate of at most {MAX_SAMPLE_RATE:g}). "
+            f"{smallest} holds {n_min} examples: the DP recipe needs every client to hold at least "
+            f"{MIN_LOGICAL_BATCH} (its smallest logical batch; a client cannot sample more than all its examples). "
             f"Fixes: fewer clients (e.g. --num_clients {fewer}), a larger --dirichlet_alpha (less label skew, more "
             f"even sizes), --partition_min_size {MIN_CLIENT_SIZE} (re-draws a Dirichlet split until every client "
             "holds that many), or leave out the smallest clients"
@@ -162,8 +163,9 @@ def dp_recipe(
     reasons = [
         f"logical batch {batch} ({accumulation} micro-batches of {micro}): the recipe's {RECIPE_LOGICAL_BATCH}"
         + (
-            f", capped at {MAX_SAMPLE_RATE:g} x the smallest client ({smallest}, {n_min} examples) so that its "
-            "sample rate stays at most 1/2"
+            f", capped at the smallest client's size ({smallest}, {n_min} examples: it samples at q = "
+            f"{batch / n_min:.2f}, with little amplification by subsampling and so more noise, in its small share "
+            "of the aggregate)"
             if capped < RECIPE_LOGICAL_BATCH
             else f"; the smallest client ({smallest}, {n_min} examples) samples at q = {batch / n_min:.3f}"
         ),
@@ -212,16 +214,17 @@ def apply_dp_recipe(
     num_hidden_layers: int | None = None,
     keep: Sequence[str] = (),
 ) -> tuple[DPRecipe, FederatedTrainingArguments]:
-    """(the recipe, `args` with the recipe's fields) for FederatedTrainer(train_dataset=...) under example-level DP.
+    """(the recipe, `args` with the recipe's fields) for FederatedTrainer(train_dataset=...) under example-level DP;
+    on a non-private run it gives the same settings (a baseline at the same budget).
 
     Fields named in `keep` (the ones a user set by hand) stay as they are; `local_epochs` in `keep` keeps the
     user's epochs instead of the recipe's local steps. The split is made with the recipe's partition_min_size (or
     the kept one) and recorded, so the trainer splits the same way.
     """
-    if not args.private or args.dp_unit != "example":
+    if args.private and args.dp_unit != "example":
         raise RecipeError(
-            "the DP recipe is for example-level DP (dp_unit='example' with dp_target_epsilon or "
-            f"dp_noise_multiplier); this run is {'not private' if not args.private else 'dp_unit=' + args.dp_unit}"
+            f"the DP recipe is for example-level DP; this run has dp_unit={args.dp_unit!r}, where the number of "
+            "clients and rounds, not the clients' sizes, set the noise: choose those by hand"
         )
     min_size = args.partition_min_size if "partition_min_size" in keep and args.partition_min_size else MIN_CLIENT_SIZE
     split_args = replace(args, partition_min_size=min_size)

@@ -27,12 +27,12 @@ def test_large_clients_get_the_recipes_batch_and_schedule():
     assert "b, 900 examples" in recipe.describe()  # the smallest client and its sample rate are said
 
 
-def test_the_smallest_client_caps_the_batch_at_half_its_size():
+def test_the_smallest_client_caps_the_batch_at_its_size():
     recipe = dp_recipe([1000, 70, 500], "lora", num_hidden_layers=12)
-    assert recipe.logical_batch_size == 32  # 0.5 x 70 = 35, down to whole micro-batches of 16
-    assert "capped at 0.5 x the smallest client (client_1, 70 examples)" in recipe.describe()
+    assert recipe.logical_batch_size == 64  # 70, down to whole micro-batches of 16
+    assert "capped at the smallest client's size (client_1, 70 examples: it samples at q = 0.91" in recipe.describe()
     assert recipe.lora_layers == tuple(range(6, 12)) and recipe.method_settings == {}
-    small = dp_recipe([40, 41], "lora", micro_batch_size=8)
+    small = dp_recipe([20, 41], "lora", micro_batch_size=8)
     assert (small.per_device_train_batch_size, small.gradient_accumulation_steps) == (8, 2)
 
 
@@ -41,12 +41,12 @@ def test_deer_splits_the_local_steps_among_its_two_sub_rounds():
 
 
 def test_clients_below_the_minimum_are_refused_with_the_client_and_the_fixes():
-    with pytest.raises(RecipeError, match=rf"client_1 holds 31 examples.*at least {MIN_CLIENT_SIZE}") as refused:
-        dp_recipe([3000, 31, 3000], "ffa_lora")
+    with pytest.raises(RecipeError, match=r"client_1 holds 15 examples.*at least 16") as refused:
+        dp_recipe([3000, 15, 3000], "ffa_lora")
     message = str(refused.value)
-    assert "--num_clients 47" in message  # 6031 examples // (4 x 32)
+    assert "--num_clients 46" in message  # 6015 examples // (4 x 32)
     assert "--dirichlet_alpha" in message and "--partition_min_size 32" in message
-    assert dp_recipe([3000, 32, 3000], "ffa_lora").logical_batch_size == 16
+    assert dp_recipe([3000, 16, 3000], "ffa_lora").logical_batch_size == 16
     with pytest.raises(RecipeError, match="at least one client"):
         dp_recipe([], "lora")
     with pytest.raises(RecipeError, match="counts of examples"):
@@ -67,11 +67,11 @@ def test_apply_dp_recipe_splits_as_the_trainer_will_and_keeps_what_the_user_set(
 
     clients, _, _ = clients_from(data, applied)
     smallest = min(len(c) for c in clients.values())
-    assert recipe.logical_batch_size == 16 * (min(96, smallest // 2) // 16)
-    with pytest.raises(RecipeError, match="example-level DP"):
-        apply_dp_recipe(fed_args(tmp_path, num_clients=2), data, "lora")
+    assert recipe.logical_batch_size == 16 * (min(96, smallest) // 16)
+    _, plain = apply_dp_recipe(fed_args(tmp_path, num_clients=2, partition="iid"), data, "lora")  # no DP: a baseline
+    assert plain.gradient_accumulation_steps == applied.gradient_accumulation_steps and not plain.private
     client_unit = fed_args(tmp_path, num_clients=2, dp_target_epsilon=3.0, dp_unit="client")
-    with pytest.raises(RecipeError, match="dp_unit=client"):
+    with pytest.raises(RecipeError, match="dp_unit='client'"):
         apply_dp_recipe(client_unit, data, "lora")
 
 

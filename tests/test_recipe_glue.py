@@ -23,7 +23,7 @@ from hf_fedlora.recipe import RecipeError
 
 @pytest.fixture(scope="module")
 def sentences(tmp_path_factory):
-    """A tiny BERT and 200 labelled sentences (100 per class) with 40 for validation."""
+    """A tiny BERT and 260 labelled sentences (130 per class) with 40 for validation."""
     root = tmp_path_factory.mktemp("recipe_assets")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(root / "bert")
@@ -34,7 +34,7 @@ def sentences(tmp_path_factory):
     )  # fmt: skip
     BertForSequenceClassification(config).save_pretrained(root / "bert")
     rng = np.random.default_rng(1)
-    for name, n in (("train", 200), ("validation", 40)):
+    for name, n in (("train", 260), ("validation", 40)):
         rows = []
         for i in range(n):
             word = rng.choice(["good", "great"] if i % 2 else ["bad", "awful"])
@@ -61,9 +61,9 @@ def test_the_recipe_defaults_train_under_dp_and_the_adapter_reloads_onto_the_nam
     trainer = run_glue.main(_args(sentences, out))
     printed = capsys.readouterr().out
     args = trainer.args
-    # 100 examples per client: the logical batch is capped at half the smallest client, in micro-batches of 16
-    assert "hf_fedlora DP recipe:" in printed and "logical batch 48 (3 micro-batches of 16)" in printed
-    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 3)
+    # about 100 examples per client: the recipe's logical batch of 96, in micro-batches of 16
+    assert "hf_fedlora DP recipe:" in printed and "logical batch 96 (6 micro-batches of 16)" in printed
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 6)
     assert (args.num_rounds, args.local_steps, args.learning_rate) == (6, 4, 0.05)
     assert args.partition_min_size == 32 and args.lr_scheduler_type == "constant"
     config = trainer.model.peft_config["default"]
@@ -78,7 +78,7 @@ def test_the_recipe_defaults_train_under_dp_and_the_adapter_reloads_onto_the_nam
     record = json.loads((out / FEDERATED_RECORD_NAME).read_text())
     assert record["base_model_class"].endswith("mean_pooling.BertMeanPoolingForSequenceClassification")
     card = (out / CARD_NAME).read_text()
-    assert "hf_fedlora's DP recipe" in card and "logical batch (48)" in card and "layers [2, 3]" in card
+    assert "hf_fedlora's DP recipe" in card and "logical batch (96)" in card and "layers [2, 3]" in card
 
     # plain peft onto the class the card names: the trained model's logits
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
@@ -108,19 +108,23 @@ def test_flags_given_by_hand_override_the_recipe_and_the_card_says_which(sentenc
 
 def test_clients_too_small_for_the_recipe_are_refused_with_fixes_before_training(sentences, tmp_path, monkeypatch):
     monkeypatch.setattr(FederatedTrainer, "train", lambda *a, **k: pytest.fail("training started"))
-    with pytest.raises(ValueError, match=r"partition_min_size=32 for 8 clients needs 256 examples"):
-        run_glue.main(_args(sentences, tmp_path / "a", "--num_clients", "8"))
-    with pytest.raises(RecipeError, match=r"holds 1\d examples.*Fixes: fewer clients") as refused:
-        run_glue.main(_args(sentences, tmp_path / "b", "--num_clients", "8", "--partition_min_size", "10"))
+    with pytest.raises(ValueError, match=r"partition_min_size=32 for 9 clients needs 288 examples"):
+        run_glue.main(_args(sentences, tmp_path / "a", "--num_clients", "9"))
+    with pytest.raises(
+        RecipeError, match=r"holds \d+ examples.*at least 16.*Fixes: fewer clients \(e.g. --num_clients 2\)"
+    ) as refused:
+        run_glue.main(_args(sentences, tmp_path / "b", "--num_clients", "16", "--partition_min_size", "1"))
     assert "--dirichlet_alpha" in str(refused.value) and "--partition_min_size 32" in str(refused.value)
     assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
 
 
-def test_without_dp_the_recipe_is_off_unless_asked(sentences, tmp_path):
+def test_without_dp_the_recipe_is_off_unless_asked_for_a_baseline(sentences, tmp_path):
     base = _args(sentences, tmp_path / "a", "--num_rounds", "1", "--local_steps", "1")
     plain = [a for a in base if a not in ("--dp_target_epsilon", "8")]
     trainer = run_glue.main(plain)
     assert type(trainer.model.get_base_model()).__name__ == "BertForSequenceClassification"
     assert trainer.args.hyperparameter_selection is None
-    with pytest.raises(RecipeError, match="example-level DP"):
-        run_glue.main([*plain[:-2], "--dp_recipe", "true"])
+    baseline = run_glue.main([*plain, "--dp_recipe", "true", "--output_dir", str(tmp_path / "b")])
+    assert not baseline.args.private and baseline.args.num_rounds == 1
+    assert baseline.args.gradient_accumulation_steps == 6
+    assert type(baseline.model.get_base_model()) is BertMeanPoolingForSequenceClassification

@@ -45,6 +45,7 @@ from hf_fedlora.recipe import apply_dp_recipe
 logger = logging.getLogger(__name__)
 
 GLUE_HUB_ID = "nyu-mll/glue"
+NEW_LABEL = "_label_id"
 task_to_keys = {
     "cola": ("sentence", None),
     "mnli": ("premise", "hypothesis"),
@@ -356,12 +357,17 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         texts = [examples[sentence1_key]] + ([examples[sentence2_key]] if sentence2_key is not None else [])
         result = tokenizer(*texts, padding=padding, max_length=max_length, truncation=True)
         if is_regression:
-            result["label"] = [float(label) for label in examples["label"]]
+            result[NEW_LABEL] = [float(label) for label in examples["label"]]
         elif label_to_id is not None:
-            result["label"] = [label_to_id[label] if label != -1 else -1 for label in examples["label"]]
+            result[NEW_LABEL] = [label_to_id[label] if label != -1 else -1 for label in examples["label"]]
+        else:  # GLUE's ClassLabel ids already
+            result[NEW_LABEL] = list(examples["label"])
         return result
 
-    processed = raw.map(preprocess, batched=True, desc="Tokenizing")
+    # The label column is rebuilt under another name: datasets casts a returned column back to the input's type
+    # (a file's string labels would stay strings).
+    processed = raw.map(preprocess, batched=True, desc="Tokenizing", remove_columns=["label"])
+    processed = processed.rename_column(NEW_LABEL, "label")
     train_dataset = processed["train"]
     if data_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(data_args.max_train_samples, len(train_dataset))))
