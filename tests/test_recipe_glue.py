@@ -39,7 +39,8 @@ def sentences(tmp_path_factory):
         for i in range(n):
             word = rng.choice(["good", "great"] if i % 2 else ["bad", "awful"])
             filler = " ".join(rng.choice(["the", "movie", "plot", "film", "was", "is"], size=rng.integers(3, 9)))
-            rows.append({"sentence": f"{filler} {word}", "label": i % 2})  # distinct texts: even content-keyed split
+            label = ["negative", "positive"][i % 2]  # string labels, as users' files often have
+            rows.append({"sentence": f"{filler} {word}", "label": label})  # distinct texts: even content-keyed split
         with open(root / f"{name}.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=["sentence", "label"])
             writer.writeheader()
@@ -66,6 +67,7 @@ def test_the_recipe_defaults_train_under_dp_and_the_adapter_reloads_onto_the_nam
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (16, 6)
     assert (args.num_rounds, args.local_steps, args.learning_rate) == (6, 4, 0.05)
     assert args.partition_min_size == 32 and args.lr_scheduler_type == "constant"
+    assert trainer.model.config.id2label == {0: "negative", 1: "positive"}
     config = trainer.model.peft_config["default"]
     assert config.layers_to_transform == [2, 3] and config.lr_ratio_b == 0.1
     base = trainer.model.get_base_model()
