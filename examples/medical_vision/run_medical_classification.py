@@ -16,15 +16,18 @@ set, and the global adapter (LoRA factors plus the classification head) is saved
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 import numpy as np
+import PIL.Image
 import torch
 import transformers
 from datasets import DatasetDict, load_dataset
@@ -35,6 +38,7 @@ from transformers import (
     AutoModelForImageClassification,
     EvalPrediction,
     HfArgumentParser,
+    PretrainedConfig,
     set_seed,
 )
 
@@ -52,6 +56,10 @@ DEFAULT_TARGET_MODULES = {
     "dinov2": ["q_proj", "v_proj"],
     "swin": ["q_proj", "v_proj"],
 }
+
+
+# Model types that interpolate their position embeddings to any image size by themselves (--image_size).
+INTERPOLATING_MODEL_TYPES = {"dinov2"}
 
 
 def method_names() -> list[str]:
@@ -73,6 +81,13 @@ class ModelArguments:
     image_processor_backend: str = field(
         default="pil",
         metadata={"help": "Image processor backend: 'pil' (no torchvision needed) or 'torchvision'."},
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Resize images to this side in pixels instead of the image processor's size: a multiple of the "
+            "patch size, for models that interpolate their position embeddings (DINOv2). Smaller is cheaper."
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded models and datasets are cached."})
     model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
@@ -100,6 +115,13 @@ class ModelArguments:
             "DINOv2 and Swin."
         },
     )
+    lora_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated indices of the layers LoRA adapts (PEFT's layers_to_transform), e.g. 9,10,11: "
+            "with the upper layers only, no backward pass runs through the lower ones. Default: every layer."
+        },
+    )
     modules_to_save: str = field(
         default="classifier",
         metadata={"help": "Comma-separated modules trained in full and saved with the adapter: the new head."},
@@ -119,6 +141,23 @@ class ModelArguments:
                 ) from error
             if not isinstance(kwargs, dict):
                 raise ValueError(f"--method_kwargs must be a JSON object, got {self.method_kwargs!r}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"--image_size must be a positive number of pixels, got {self.image_size}")
+        if self.lora_layers is not None:
+            try:
+                layers = [int(index) for index in self.lora_layers.split(",") if index.strip()]
+            except ValueError as error:
+                raise ValueError(
+                    f"--lora_layers takes layer indices such as 9,10,11, got {self.lora_layers!r}"
+                ) from error
+            if not layers or min(layers) < 0:
+                raise ValueError(f"--lora_layers takes layer indices from 0, such as 9,10,11, got {self.lora_layers!r}")
+
+    def layer_indices(self) -> list[int] | None:
+        """--lora_layers as PEFT's layers_to_transform (None: every layer)."""
+        if self.lora_layers is None:
+            return None
+        return sorted({int(index) for index in self.lora_layers.split(",") if index.strip()})
 
 
 @dataclass
@@ -230,6 +269,52 @@ def target_modules(model_args: ModelArguments, model_type: str) -> list[str]:
     return DEFAULT_TARGET_MODULES[model_type]
 
 
+def check_model_arguments(model_args: ModelArguments, config: PretrainedConfig) -> None:
+    """--image_size and --lora_layers against the model's configuration, before the model is loaded."""
+    if model_args.image_size is not None:
+        if config.model_type not in INTERPOLATING_MODEL_TYPES:
+            raise ValueError(
+                f"--image_size: {config.model_type} models take images of the size they were trained on "
+                f"({getattr(config, 'image_size', '?')} px); only {sorted(INTERPOLATING_MODEL_TYPES)} interpolate "
+                "their position embeddings to another size. Drop --image_size, or give an image processor of "
+                "the model's size with --image_processor_name."
+            )
+        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+        if model_args.image_size % patch:
+            raise ValueError(
+                f"--image_size {model_args.image_size} is not a multiple of the model's patch size {patch}: use "
+                f"e.g. {max(patch, model_args.image_size // patch * patch)}"
+            )
+    layers = model_args.layer_indices()
+    num_layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None and num_layers is not None and max(layers) >= num_layers:
+        raise ValueError(
+            f"--lora_layers {model_args.lora_layers}: the model has {num_layers} layers, numbered 0 to {num_layers - 1}"
+        )
+
+
+def check_images(data: datasets.Dataset, image_column: str, read: Callable[[Any], Any], split: str) -> None:
+    """Read and process every image once, so that a file the image processor cannot read fails here, named,
+    before any training (rather than in the middle of a client's round)."""
+    feature = data.features[image_column]
+    raw = data.select_columns([image_column])
+    if isinstance(feature, datasets.Image):
+        raw = raw.cast_column(image_column, datasets.Image(decode=False))  # open each file here, to name it
+    for index, row in enumerate(raw):
+        value = row[image_column]
+        where = f"row {index}"
+        try:
+            if isinstance(feature, datasets.Image):
+                where = value.get("path") or where
+                value = PIL.Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+            read(value)
+        except Exception as error:
+            raise ValueError(
+                f"The {split} image {where} cannot be read by the image processor "
+                f"({type(error).__name__}: {error}); remove or replace it"
+            ) from error
+
+
 def privacy_metrics(trainer: FederatedTrainer) -> dict[str, Any]:
     """The guarantee behind the epsilon: delta, unit and accountant (an epsilon alone means little)."""
     report = trainer.privacy_report()
@@ -274,7 +359,7 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
     names = list(feature.names) if hasattr(feature, "names") else [str(label) for label in labels]
     label_to_id = {label: i for i, label in enumerate(labels)}
 
-    # Model, image processor and the federated LoRA adapter.
+    # Model configuration and image processor, checked with the images before the model is built.
     config = AutoConfig.from_pretrained(
         model_args.model_name_or_path,
         num_labels=len(labels),
@@ -286,15 +371,8 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         token=model_args.token,
         trust_remote_code=model_args.trust_remote_code,
     )
-    model = AutoModelForImageClassification.from_pretrained(
-        model_args.model_name_or_path,
-        config=config,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        token=model_args.token,
-        trust_remote_code=model_args.trust_remote_code,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-    )
+    check_model_arguments(model_args, config)
+    size = {"height": model_args.image_size, "width": model_args.image_size} if model_args.image_size else {}
     image_processor = AutoImageProcessor.from_pretrained(
         model_args.image_processor_name or model_args.model_name_or_path,
         backend=model_args.image_processor_backend,
@@ -302,31 +380,20 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         revision=model_args.model_revision,
         token=model_args.token,
         trust_remote_code=model_args.trust_remote_code,
+        **({"size": size} if size else {}),
     )
-    config_cls = methods.config_class_for(model_args.method)
-    method_kwargs = json.loads(model_args.method_kwargs) if model_args.method_kwargs else {}
-    try:
-        peft_config = config_cls(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=target_modules(model_args, config.model_type),
-            modules_to_save=[name.strip() for name in model_args.modules_to_save.split(",") if name.strip()],
-            **method_kwargs,
-        )
-    except TypeError as error:
-        raise ValueError(f"--method_kwargs: {config_cls.__name__} does not take these fields: {error}") from error
-    model = get_peft_model(model, peft_config)
 
     # Images become pixel_values when read (each example on its own: no batch statistics).
     image_column, label_column = data_args.image_column_name, data_args.label_column_name
     color_mode = "RGB" if getattr(config, "num_channels", 3) == 3 else "L"
 
+    def pixels(images: list[Any]) -> torch.Tensor:
+        return image_processor([image.convert(color_mode) for image in images], return_tensors="pt")["pixel_values"]
+
     def to_pixels(batch: dict[str, list]) -> dict[str, Any]:
         if image_column not in batch:  # a column read without the images (labels for the partition)
             return batch
-        images = [image.convert(color_mode) for image in batch.pop(image_column)]
-        batch["pixel_values"] = image_processor(images, return_tensors="pt")["pixel_values"]
+        batch["pixel_values"] = pixels(batch.pop(image_column))
         return batch
 
     def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -340,8 +407,36 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         train_dataset = train_dataset.select(range(min(data_args.max_train_samples, len(train_dataset))))
     if data_args.max_eval_samples is not None:
         eval_dataset = eval_dataset.select(range(min(data_args.max_eval_samples, len(eval_dataset))))
+    for split, data in (("training", train_dataset), ("validation", eval_dataset)):
+        check_images(data, image_column, lambda image: pixels([image]), split)
     train_dataset.set_transform(to_pixels)
     eval_dataset.set_transform(to_pixels)
+
+    # The model and its federated LoRA adapter.
+    model = AutoModelForImageClassification.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+    )
+    config_cls = methods.config_class_for(model_args.method)
+    method_kwargs = json.loads(model_args.method_kwargs) if model_args.method_kwargs else {}
+    try:
+        peft_config = config_cls(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=target_modules(model_args, config.model_type),
+            layers_to_transform=model_args.layer_indices(),
+            modules_to_save=[name.strip() for name in model_args.modules_to_save.split(",") if name.strip()],
+            **method_kwargs,
+        )
+    except TypeError as error:
+        raise ValueError(f"--method_kwargs: {config_cls.__name__} does not take these fields: {error}") from error
+    model = get_peft_model(model, peft_config)
 
     metric = load_glue_metric("classification")  # accuracy, macro-F1, Matthews correlation
 
