@@ -181,6 +181,8 @@ def dp_recipe(
         "LoRA on "
         + ("every layer (depth unknown)" if layers is None else f"layers {list(layers)}, the upper half")
         + ": no backward pass through the lower layers, at no cost in accuracy on the tuning data",
+        "the same schedule at every epsilon: the budget sets each client's noise multiplier, calibrated before "
+        "training (measured at epsilon 3 and 8 on data the recipe never saw: benchmarks/RESULTS.md#transfer)",
         f"partition_min_size {partition_min_size}: a Dirichlet split is re-drawn until every client holds that many",
         f"chosen from the {len(sizes)} clients' sizes only ({total} examples); the data were not looked at",
     ]
