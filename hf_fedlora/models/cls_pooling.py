@@ -3,36 +3,18 @@
 
 from __future__ import annotations
 
-from transformers import BertConfig, BertModel, BertPreTrainedModel, RobertaConfig, RobertaModel, RobertaPreTrainedModel
-
-from .pooling import PooledClassifierMixin
+from .pooling import BertPooledForSequenceClassification, RobertaPooledForSequenceClassification
 
 __all__ = ["BertClsPoolingForSequenceClassification", "RobertaClsPoolingForSequenceClassification"]
 
 
-class BertClsPoolingForSequenceClassification(PooledClassifierMixin, BertPreTrainedModel):
+class BertClsPoolingForSequenceClassification(BertPooledForSequenceClassification):
     """Dropout and a linear head on BERT's [CLS] state (the pooler is dropped)."""
 
     pooling = "cls"
-    encoder_attribute = "bert"
-
-    def __init__(self, config: BertConfig):
-        super().__init__(config)
-        self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self._init_head(config)
-        self.post_init()
 
 
-class RobertaClsPoolingForSequenceClassification(PooledClassifierMixin, RobertaPreTrainedModel):
+class RobertaClsPoolingForSequenceClassification(RobertaPooledForSequenceClassification):
     """Dropout and a linear head on RoBERTa's <s> state."""
 
     pooling = "cls"
-    encoder_attribute = "roberta"
-
-    def __init__(self, config: RobertaConfig):
-        super().__init__(config)
-        self.config = config
-        self.roberta = RobertaModel(config, add_pooling_layer=False)
-        self._init_head(config)
-        self.post_init()

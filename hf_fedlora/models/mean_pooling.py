@@ -9,38 +9,19 @@ The shared forward and the choice of class live in hf_fedlora.models.pooling.
 
 from __future__ import annotations
 
-from transformers import BertConfig, BertModel, BertPreTrainedModel, RobertaConfig, RobertaModel, RobertaPreTrainedModel
-
-from .pooling import PooledClassifierMixin, masked_mean
+from .pooling import BertPooledForSequenceClassification, RobertaPooledForSequenceClassification, masked_mean
 
 __all__ = ["BertMeanPoolingForSequenceClassification", "RobertaMeanPoolingForSequenceClassification", "masked_mean"]
 
 
-class BertMeanPoolingForSequenceClassification(PooledClassifierMixin, BertPreTrainedModel):
+class BertMeanPoolingForSequenceClassification(BertPooledForSequenceClassification):
     """BertForSequenceClassification with the pooler replaced by the masked mean over tokens (dropout, then a linear
     head, and the same losses). Load a checkpoint with `BertMeanPoolingForSequenceClassification.from_pretrained`."""
 
     pooling = "mean"
-    encoder_attribute = "bert"
-
-    def __init__(self, config: BertConfig):
-        super().__init__(config)
-        self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self._init_head(config)
-        self.post_init()
 
 
-class RobertaMeanPoolingForSequenceClassification(PooledClassifierMixin, RobertaPreTrainedModel):
-    """RoBERTa with a linear head on the masked mean over tokens (RobertaForSequenceClassification's head is a fresh
-    dense + tanh layer on <s>)."""
+class RobertaMeanPoolingForSequenceClassification(RobertaPooledForSequenceClassification):
+    """RoBERTa with a linear head on the masked mean over tokens."""
 
     pooling = "mean"
-    encoder_attribute = "roberta"
-
-    def __init__(self, config: RobertaConfig):
-        super().__init__(config)
-        self.config = config
-        self.roberta = RobertaModel(config, add_pooling_layer=False)
-        self._init_head(config)
-        self.post_init()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import BertConfig, BertModel, BertPreTrainedModel, RobertaConfig, RobertaModel, RobertaPreTrainedModel
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import can_return_tuple
@@ -86,6 +87,33 @@ class PooledClassifierMixin:
         return SequenceClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+
+class BertPooledForSequenceClassification(PooledClassifierMixin, BertPreTrainedModel):
+    """BERT without its pooler, dropout and a linear head on the tokens pooled as the subclass's `pooling` says."""
+
+    encoder_attribute = "bert"
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self._init_head(config)
+        self.post_init()
+
+
+class RobertaPooledForSequenceClassification(PooledClassifierMixin, RobertaPreTrainedModel):
+    """RoBERTa without a pooler, dropout and a linear head on the tokens pooled as the subclass's `pooling` says
+    (RobertaForSequenceClassification's head is a fresh dense + tanh layer on <s>)."""
+
+    encoder_attribute = "roberta"
+
+    def __init__(self, config: RobertaConfig):
+        super().__init__(config)
+        self.config = config
+        self.roberta = RobertaModel(config, add_pooling_layer=False)
+        self._init_head(config)
+        self.post_init()
 
 
 def pools_tokens(model_type: str) -> bool:
