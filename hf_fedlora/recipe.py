@@ -86,8 +86,9 @@ class DPRecipe:
     def logical_batch_size(self) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
-    def training_arguments(self) -> dict[str, Any]:
-        """FederatedTrainingArguments fields: the schedule, the rate and how they were chosen."""
+    def training_arguments(self, by_hand: Sequence[str] = ()) -> dict[str, Any]:
+        """FederatedTrainingArguments fields: the schedule, the rate and how they were chosen (`by_hand`: the
+        fields the user set, see `selection_text`)."""
         return {
             "per_device_train_batch_size": self.per_device_train_batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,
@@ -96,24 +97,36 @@ class DPRecipe:
             "learning_rate": self.learning_rate,
             "lr_scheduler_type": "constant",
             "partition_min_size": self.partition_min_size,
-            "hyperparameter_selection": self.selection_text(),
+            "hyperparameter_selection": self.selection_text(by_hand),
         }
 
     def describe(self) -> str:
         """The lines printed before training: each choice and why."""
         return "\n".join(["hf_fedlora DP recipe:", *(f"  - {reason}" for reason in self.reasons)])
 
-    def selection_text(self) -> str:
-        """What the card says of how the settings were chosen."""
-        layers = "all layers" if self.lora_layers is None else f"layers {list(self.lora_layers)}"
+    def selection_text(self, by_hand: Sequence[str] = ()) -> str:
+        """What the card says of how the settings were chosen; `by_hand` names the fields the user set, whose
+        settings the card then says were not the recipe's."""
+        layers = "all" if self.lora_layers is None else str(list(self.lora_layers))
         settings = "".join(f", {k} {v:g}" for k, v in self.method_settings.items())
-        return (
-            f"hf_fedlora's DP recipe (hf_fedlora.recipe) chose the logical batch ({self.logical_batch_size}), "
-            f"{self.num_rounds} rounds x {self.local_steps} local steps, the learning rate ({self.learning_rate:g}"
-            f"{settings}), the head's input ({self.pooling}), dropout ({self.dropout:g}) and LoRA's {layers} from "
-            "the clients' sizes alone, which example-level DP does not hide; its constants were chosen on other data "
+        choices = {  # what the card calls each choice: (its value, the fields a user sets it with)
+            "logical batch": (self.logical_batch_size, {"per_device_train_batch_size", "gradient_accumulation_steps"}),
+            "rounds": (self.num_rounds, {"num_rounds"}),
+            "local steps": (self.local_steps, {"local_steps", "local_epochs"}),
+            "learning rate": (f"{self.learning_rate:g}{settings}", {"learning_rate", "method_kwargs"}),
+            "head's input": (self.pooling, {"pooling"}),
+            "dropout": (f"{self.dropout:g}", {"dropout"}),
+            "LoRA layers": (layers, {"lora_layers"}),
+            "partition minimum": (self.partition_min_size, {"partition_min_size"}),
+        }
+        chosen = [f"{name} ({value})" for name, (value, fields) in choices.items() if not fields & set(by_hand)]
+        manual = [name for name, (_, fields) in choices.items() if fields & set(by_hand)]
+        text = (
+            f"hf_fedlora's DP recipe (hf_fedlora.recipe) chose the {', '.join(chosen) or 'nothing'} from the "
+            "clients' sizes alone, which example-level DP does not hide; its constants were chosen on other data "
             "(the project's tweets), not on these clients'."
         )
+        return text + (f" Set by hand, not by the recipe: the {', '.join(manual)}." if manual else "")
 
 
 def recipe_lora_layers(num_hidden_layers: int | None) -> tuple[int, ...] | None:
@@ -230,7 +243,8 @@ def apply_dp_recipe(
     """(the recipe, `args` with the recipe's fields) for FederatedTrainer(train_dataset=...) under example-level DP;
     on a non-private run it gives the same settings (a baseline at the same budget).
 
-    Fields named in `keep` (the ones a user set by hand) stay as they are; `local_epochs` in `keep` keeps the
+    Fields named in `keep` (the ones a user set by hand, also the model's: pooling, dropout, lora_layers,
+    method_kwargs) stay as they are and the card says so; `local_epochs` in `keep` keeps the
     user's epochs instead of the recipe's local steps. The split is made with the recipe's partition_min_size (or
     the kept one) and recorded, so the trainer splits the same way.
     """
@@ -250,10 +264,7 @@ def apply_dp_recipe(
         else RECIPE_MICRO_BATCH,
         partition_min_size=min_size,
     )
-    fields = {k: v for k, v in recipe.training_arguments().items() if k not in keep}
-    by_hand = sorted(set(keep) & (set(recipe.training_arguments()) | {"local_epochs"}) - {"hyperparameter_selection"})
-    if by_hand and "hyperparameter_selection" in fields:
-        fields["hyperparameter_selection"] += f" Set by hand instead of by the recipe: {', '.join(by_hand)}."
+    fields = {k: v for k, v in recipe.training_arguments(keep).items() if k not in keep}
     if "local_epochs" in keep and args.local_epochs is not None:
         fields.pop("local_steps", None)
     return recipe, replace(args, **fields)

@@ -62,7 +62,10 @@ def test_apply_dp_recipe_splits_as_the_trainer_will_and_keeps_what_the_user_set(
     assert applied.num_rounds == 2
     assert applied.learning_rate == recipe.learning_rate == default_learning_rate("lora").value
     assert applied.partition_min_size == MIN_CLIENT_SIZE and applied.local_steps == 4
-    assert "Set by hand instead of by the recipe: num_rounds." in applied.hyperparameter_selection
+    assert applied.hyperparameter_selection.endswith("Set by hand, not by the recipe: the rounds.")
+    assert (
+        "rounds (6)" not in applied.hyperparameter_selection and "local steps (4)" in applied.hyperparameter_selection
+    )
     from hf_fedlora.federation.clients import clients_from
 
     clients, _, _ = clients_from(data, applied)

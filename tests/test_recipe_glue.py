@@ -80,7 +80,7 @@ def test_the_recipe_defaults_train_under_dp_and_the_adapter_reloads_onto_the_nam
     record = json.loads((out / FEDERATED_RECORD_NAME).read_text())
     assert record["base_model_class"].endswith("mean_pooling.BertMeanPoolingForSequenceClassification")
     card = (out / CARD_NAME).read_text()
-    assert "hf_fedlora's DP recipe" in card and "logical batch (96)" in card and "layers [2, 3]" in card
+    assert "hf_fedlora's DP recipe" in card and "logical batch (96)" in card and "LoRA layers ([2, 3])" in card
 
     # plain peft onto the class the card names: the trained model's logits
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
@@ -104,8 +104,9 @@ def test_flags_given_by_hand_override_the_recipe_and_the_card_says_which(sentenc
     assert (args.num_rounds, args.learning_rate, args.local_steps) == (1, 0.02, 4)
     assert type(trainer.model.get_base_model()).__name__ == "BertClsPoolingForSequenceClassification"
     assert trainer.model.peft_config["default"].layers_to_transform == [0]
-    assert "Set by hand instead of by the recipe: learning_rate, num_rounds" in args.hyperparameter_selection
-    assert "Set by hand instead of by the recipe: learning_rate, num_rounds" in (out / CARD_NAME).read_text()
+    said = "Set by hand, not by the recipe: the rounds, learning rate, head's input, LoRA layers."
+    assert args.hyperparameter_selection.endswith(said) and said in (out / CARD_NAME).read_text()
+    assert "head's input (mean)" not in args.hyperparameter_selection and "LoRA layers ([" not in said
 
 
 def test_clients_too_small_for_the_recipe_are_refused_with_fixes_before_training(sentences, tmp_path, monkeypatch):
