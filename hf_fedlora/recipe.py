@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from .comparison import default_learning_rate, recipe_settings
 from .methods.registry import config_class_for
+from .models.pooling import pools_tokens
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -141,6 +142,7 @@ def dp_recipe(
     method: str,
     *,
     num_hidden_layers: int | None = None,
+    model_type: str | None = None,
     micro_batch_size: int = RECIPE_MICRO_BATCH,
     partition_min_size: int = MIN_CLIENT_SIZE,
 ) -> DPRecipe:
@@ -177,6 +179,7 @@ def dp_recipe(
             f"{method} runs {sub_rounds} sub-rounds a round: the recipe's {RECIPE_LOCAL_STEPS} local "
             "steps do not split evenly among them"
         )
+    pooling = RECIPE_POOLING if model_type is None or pools_tokens(model_type) else "pooler"
     micro = min(micro_batch_size, capped)
     accumulation = capped // micro
     batch = micro * accumulation
@@ -199,8 +202,13 @@ def dp_recipe(
         + "".join(f", {k} {v:g}" for k, v in settings.items())
         + f", AdamW at a constant rate: {method}'s recipe rate (hf_fedlora.comparison)"
         + ("" if lr.tuned else ", not tuned for this method"),
-        f"the head reads the masked mean over tokens (pooling '{RECIPE_POOLING}'), not BERT's pooler, and dropout is "
-        "off: a well-conditioned feature and no second source of noise",
+        (
+            f"the head reads the masked mean over tokens (pooling '{RECIPE_POOLING}'), not BERT's pooler"
+            if pooling == RECIPE_POOLING
+            else f"the head is the checkpoint's own (pooling 'pooler'): hf_fedlora.models has no mean-pooling "
+            f"classifier for model type {model_type!r}"
+        )
+        + "; dropout is off: a well-conditioned feature and no second source of noise",
         "LoRA on "
         + ("every layer (depth unknown)" if layers is None else f"layers {list(layers)}, the upper half")
         + ": no backward pass through the lower layers, at no cost in accuracy on the tuning data",
@@ -219,6 +227,7 @@ def dp_recipe(
         learning_rate=lr.value,
         partition_min_size=partition_min_size,
         method_settings=settings,
+        pooling=pooling,
         lora_layers=layers,
         reasons=tuple(reasons),
     )
@@ -238,6 +247,7 @@ def apply_dp_recipe(
     method: str,
     *,
     num_hidden_layers: int | None = None,
+    model_type: str | None = None,
     keep: Sequence[str] = (),
 ) -> tuple[DPRecipe, FederatedTrainingArguments]:
     """(the recipe, `args` with the recipe's fields) for FederatedTrainer(train_dataset=...) under example-level DP;
@@ -259,6 +269,7 @@ def apply_dp_recipe(
         recipe_client_sizes(train_dataset, split_args),
         method,
         num_hidden_layers=num_hidden_layers,
+        model_type=model_type,
         micro_batch_size=args.per_device_train_batch_size
         if "per_device_train_batch_size" in keep
         else RECIPE_MICRO_BATCH,

@@ -115,3 +115,10 @@ def test_the_pooling_choice_names_its_class_and_refuses_what_it_cannot_build():
         sequence_classifier_class("distilbert", "mean")
     with pytest.raises(ValueError, match="pooling must be one of"):
         sequence_classifier_class("bert", "max")
+
+
+def test_a_model_type_without_a_mean_pooled_class_keeps_its_own_head_and_the_recipe_says_so():
+    assert dp_recipe([500, 500], "ffa_lora", model_type="roberta").pooling == "mean"
+    recipe = dp_recipe([500, 500], "ffa_lora", model_type="distilbert")
+    assert recipe.pooling == "pooler" and "head's input (pooler)" in recipe.selection_text()
+    assert "no mean-pooling classifier for model type 'distilbert'" in recipe.describe()

@@ -39,7 +39,6 @@ from hf_fedlora import FederatedTrainer, FederatedTrainingArguments, methods
 from hf_fedlora.hub import format_delta, format_epsilon
 from hf_fedlora.metrics import load_glue_metric
 from hf_fedlora.models import POOLINGS, load_sequence_classifier, sequence_classifier_class
-from hf_fedlora.models.pooling import pools_tokens
 from hf_fedlora.recipe import apply_dp_recipe
 
 logger = logging.getLogger(__name__)
@@ -385,13 +384,11 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
             train_dataset,
             model_args.method,
             num_hidden_layers=getattr(config, "num_hidden_layers", None),
+            model_type=config.model_type,
             keep=sorted(given),
         )
         print(recipe.describe())
     pooling = model_args.pooling or (recipe.pooling if recipe else "pooler")
-    if model_args.pooling is None and pooling != "pooler" and not pools_tokens(config.model_type):
-        print(f"  - {config.model_type} has no '{pooling}' classifier in hf_fedlora.models: its own head ('pooler')")
-        pooling = "pooler"
     sequence_classifier_class(config.model_type, pooling)  # an unsupported --pooling fails here, before training
     dropout = model_args.dropout if model_args.dropout is not None else (recipe.dropout if recipe else None)
     if model_args.lora_layers is not None:
