@@ -239,3 +239,51 @@ def exact_match(completions: Sequence[str], references: Sequence[str]) -> float:
         for c, r in zip(completions, references, strict=True)
     ]
     return sum(hits) / len(hits)
+
+
+# ----------------------------------------------------------------------------------------
+# Short answers (a label, a word, a name): compared as text, not as numbers
+# ----------------------------------------------------------------------------------------
+_EDGE_PUNCTUATION = " \t\"'`.,;:!?()[]*"
+
+
+def normalize_answer(text: str) -> str:
+    """The first line of an answer, lower-cased, without surrounding quotes, brackets or punctuation: what a
+    short-answer reference and a generation are compared by ("Positive." and "positive" are the same answer)."""
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else "").strip(_EDGE_PUNCTUATION).lower()
+
+
+def short_answer_match(completions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of completions whose normalised text equals the reference's: the strict score, which also asks the
+    model to answer in the requested form (a label alone, not a sentence around it)."""
+    if len(completions) != len(references):
+        raise ValueError(f"{len(completions)} completions for {len(references)} references")
+    if not references:
+        return float("nan")
+    hits = [normalize_answer(c) == normalize_answer(r) for c, r in zip(completions, references, strict=True)]
+    return sum(hits) / len(hits)
+
+
+def first_named_choice(text: str, choices: Sequence[str]) -> str | None:
+    """Which of `choices` a generation names first (as a whole word, case-insensitive); None when it names none."""
+    lowered = text.lower()
+    found = []
+    for choice in choices:
+        match = re.search(rf"(?<!\w){re.escape(choice.lower())}(?!\w)", lowered)
+        if match:
+            found.append((match.start(), -len(choice), choice))
+    return min(found)[2] if found else None
+
+
+def named_choice_match(completions: Sequence[str], references: Sequence[str]) -> float:
+    """The lenient score when the answers come from a closed set (the references' distinct normalised values):
+    share of completions whose first named choice is the reference. It credits a right answer inside a sentence
+    ("The sentiment is negative"), so it separates what a model knows from the form it answers in."""
+    if len(completions) != len(references):
+        raise ValueError(f"{len(completions)} completions for {len(references)} references")
+    if not references:
+        return float("nan")
+    choices = sorted({normalize_answer(r) for r in references})
+    hits = [first_named_choice(c, choices) == normalize_answer(r) for c, r in zip(completions, references, strict=True)]
+    return sum(hits) / len(hits)

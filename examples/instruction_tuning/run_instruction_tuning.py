@@ -40,11 +40,16 @@ from hf_fedlora.instruction_data import (
     exact_match,
     final_answer,
     generate_completions,
+    named_choice_match,
+    normalize_answer,
+    short_answer_match,
     tokenize_instructions,
 )
 
 logger = logging.getLogger(__name__)
-EVAL_MODES = ("auto", "exact_match", "loss")
+EVAL_MODES = ("auto", "exact_match", "short_answer", "loss")
+MAX_CHOICES = 20  # short answers with at most this many distinct values are a closed set (labels)
+SHORT_ANSWER_WORDS = 5  # auto: references of one line and at most this many words are scored as short answers
 
 
 def method_names() -> list[str]:
@@ -87,8 +92,21 @@ class ModelArguments:
         default=None,
         metadata={"help": "Comma-separated module names to adapt. Default: PEFT's per-model default (q/v proj)."},
     )
+    lora_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated indices of the layers that get LoRA (PEFT's layers_to_transform), e.g. the "
+            "upper ones: '22,23,24,25,26,27,28,29' of SmolLM2's 30. Nothing below the lowest adapted layer needs a "
+            "backward pass, so upper layers train several times faster. Default: every layer."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.lora_layers is not None:
+            try:
+                [int(i) for i in self.lora_layers.split(",") if i.strip()]
+            except ValueError:
+                raise ValueError(f"--lora_layers must be comma-separated integers, got {self.lora_layers!r}") from None
         if self.method not in method_names():
             raise ValueError(
                 f"--method {self.method!r} is not a registered hf_fedlora method; use one of {method_names()}"
@@ -129,8 +147,10 @@ class DataTrainingArguments:
         default="auto",
         metadata={
             "help": f"One of {EVAL_MODES}. exact_match: generate and compare the final answer (`#### n`) and also "
-            "report the answer-token loss; loss: loss and perplexity only; auto: exact_match when the references "
-            "hold `####` answers."
+            "report the answer-token loss; short_answer: generate and compare the answer's first line as text "
+            "(lower-cased, edge punctuation dropped), and when the answers come from a closed set also the first "
+            "of them the generation names; loss: loss and perplexity only; auto: exact_match when the references "
+            f"hold `####` answers, short_answer when each is one line of at most {SHORT_ANSWER_WORDS} words."
         },
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Generation length for exact match."})
@@ -248,8 +268,34 @@ def evaluate(trainer: FederatedTrainer, tokenized: Dataset, prompts, references,
             batch_size=data_args.generation_batch_size,
         )
         metrics[f"{prefix}_exact_match"] = exact_match(completions, references)
+    elif mode == "short_answer":
+        start = time.time()
+        completions = generate_completions(
+            trainer.model,
+            trainer.processing_class,
+            prompts,
+            max_new_tokens=data_args.max_new_tokens,
+            batch_size=data_args.generation_batch_size,
+        )
+        metrics[f"{prefix}_exact_match"] = short_answer_match(completions, references)
+        if len({normalize_answer(r) for r in references}) <= MAX_CHOICES:
+            metrics[f"{prefix}_named_choice_match"] = named_choice_match(completions, references)
+    if completions is not None:
         metrics[f"{prefix}_generation_seconds"] = time.time() - start
     return metrics, completions
+
+
+def eval_mode_for(references: list[str], requested: str) -> str:
+    """`auto`: exact_match for `#### n` answers, short_answer for one-line answers of a few words, else loss."""
+    if requested != "auto":
+        return requested
+    if references and all("####" in r for r in references):
+        return "exact_match"
+    if references and all(
+        len(r.strip().splitlines()) == 1 and len(r.split()) <= SHORT_ANSWER_WORDS for r in references
+    ):
+        return "short_answer"
+    return "loss"
 
 
 def main(args: list[str] | None = None) -> FederatedTrainer:
@@ -281,21 +327,24 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         tokenize_instructions(eval_data, tokenizer, max_length=data_args.max_length) if eval_data is not None else None
     )
     prompts, references = prompts_and_references(eval_data, tokenizer) if eval_data is not None else ([], [])
-    mode = data_args.eval_mode
-    if mode == "auto":
-        mode = "exact_match" if references and all("####" in r for r in references) else "loss"
+    mode = eval_mode_for(references, data_args.eval_mode)
 
     # Model and the federated adapter.
     model = load_base(model_args)
     config_cls = methods.config_class_for(model_args.method)
     method_kwargs = json.loads(model_args.method_kwargs) if model_args.method_kwargs else {}
     targets = model_args.lora_target_modules.split(",") if model_args.lora_target_modules else None
+    layers = [int(i) for i in model_args.lora_layers.split(",") if i.strip()] if model_args.lora_layers else None
+    depth = getattr(model.config, "num_hidden_layers", None)
+    if layers is not None and depth is not None and not all(0 <= i < depth for i in layers):
+        raise ValueError(f"--lora_layers {model_args.lora_layers!r}: the model has layers 0-{depth - 1}")
     try:
         peft_config = config_cls(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=targets,
+            layers_to_transform=layers,
             task_type="CAUSAL_LM",
             **method_kwargs,
         )
@@ -316,8 +365,9 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
         processing_class=tokenizer,
     )
     results: dict[str, Any] = {"eval_mode": mode, "num_eval_examples": len(references)}
+    completions_before = None
     if eval_tokenized is not None and data_args.evaluate_before_training:
-        before, _ = evaluate(trainer, eval_tokenized, prompts, references, data_args, mode, "before")
+        before, completions_before = evaluate(trainer, eval_tokenized, prompts, references, data_args, mode, "before")
         results.update(before)
         logger.warning(f"Before training: {before}")
 
@@ -349,11 +399,13 @@ def main(args: list[str] | None = None) -> FederatedTrainer:
     results["rounds"] = trainer.federation.rounds_done
     results["wall_seconds"] = time.time() - started
     results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    if completions is not None:
-        results["eval_samples"] = [
-            {"reference": final_answer(r), "predicted": final_answer(c), "completion": c}
-            for r, c in list(zip(references, completions, strict=True))[:5]
-        ]
+    answer = final_answer if mode == "exact_match" else normalize_answer
+    for key, generated in (("before_samples", completions_before), ("eval_samples", completions)):
+        if generated is not None:
+            results[key] = [
+                {"reference": answer(r), "predicted": answer(c), "completion": c}
+                for r, c in list(zip(references, generated, strict=True))[:5]
+            ]
     if training_args.should_save:
         with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
             json.dump(results, handle, indent=2, default=str)
