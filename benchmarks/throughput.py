@@ -18,6 +18,8 @@ helps when it can't be alone).
 
     .venv/bin/python benchmarks/throughput.py --model tiny
     .venv/bin/python benchmarks/throughput.py --model minilm
+    .venv/bin/python benchmarks/throughput.py --model smollm2 --steps 16 --batch-size 8 --clients 2 \
+        --local-steps 2 --methods ffa_lora lora --threads 2    # a causal LM: LoRA on its upper 8 layers
     .venv/bin/python benchmarks/throughput.py --quick          # smoke run: tiny model, a few steps
 """
 
@@ -31,6 +33,7 @@ from typing import Any
 
 # common comes first: it puts the Hugging Face libraries in offline mode before they are imported.
 from common import (
+    MODELS,
     ForwardCounter,
     Task,
     format_table,
@@ -83,8 +86,9 @@ class Variant:
     build: Callable[[Task, Setup, str], Trainer]
 
 
-def lora_kwargs(setup: Setup) -> dict[str, Any]:
-    return {"r": setup.lora_r, "lora_alpha": setup.lora_alpha, "target_modules": TARGET_MODULES, "task_type": "SEQ_CLS"}
+def lora_kwargs(setup: Setup, task: Task) -> dict[str, Any]:
+    where = task.lora or {"target_modules": TARGET_MODULES, "task_type": "SEQ_CLS"}
+    return {"r": setup.lora_r, "lora_alpha": setup.lora_alpha, **where}
 
 
 def quiet_args(setup: Setup, output_dir: str) -> dict[str, Any]:
@@ -106,14 +110,14 @@ def quiet_args(setup: Setup, output_dir: str) -> dict[str, Any]:
 
 def build_central(task: Task, setup: Setup, output_dir: str) -> Trainer:
     """(a): the baseline a user would write without hf_fedlora."""
-    model = get_peft_model(task.fresh_model(), LoraConfig(**lora_kwargs(setup)))
+    model = get_peft_model(task.fresh_model(), LoraConfig(**lora_kwargs(setup, task)))
     args = TrainingArguments(max_steps=setup.steps, **quiet_args(setup, output_dir))
     return Trainer(model=model, args=args, train_dataset=task.train, data_collator=task.collator)
 
 
 def federated_builder(config_cls: type[FedLoraConfig], private: bool) -> Callable[..., Trainer]:
     def build(task: Task, setup: Setup, output_dir: str) -> Trainer:
-        model = get_peft_model(task.fresh_model(), config_cls(**lora_kwargs(setup)))
+        model = get_peft_model(task.fresh_model(), config_cls(**lora_kwargs(setup, task)))
         privacy = {"dp_noise_multiplier": setup.noise_multiplier, "dp_secret_seed": setup.seed} if private else {}
         args = FederatedTrainingArguments(
             num_rounds=setup.rounds,
@@ -129,13 +133,16 @@ def federated_builder(config_cls: type[FedLoraConfig], private: bool) -> Callabl
     return build
 
 
-def variants() -> list[Variant]:
-    """(a), (b), then (c) for every registered method, so methods added later are benchmarked too."""
+def variants(methods: list[str] | None = None) -> list[Variant]:
+    """(a), (b), then (c) for every registered method (or those named), so methods added later are benchmarked
+    too."""
     found = [
         Variant("central", "central", build_central),
         Variant("fed", "fed", federated_builder(FedLoraConfig, False)),
     ]
     for config_cls in CONFIG_CLASSES:
+        if methods is not None and config_cls.method_class.name not in methods:
+            continue
         found.append(Variant(f"dp-{config_cls.method_class.name}", "dp", federated_builder(config_cls, True)))
     return found
 
@@ -199,7 +206,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], kinds: dict[str, str]) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["tiny", "minilm"], default="tiny")
+    parser.add_argument("--model", choices=list(MODELS), default="tiny")
+    parser.add_argument("--methods", nargs="+", default=None, help="DP variants of these methods only (default: all).")
     parser.add_argument("--quick", action="store_true", help="Smoke run: 8 steps, no warm-up, RDP accountant.")
     parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per variant (default 48; quick 8).")
     parser.add_argument("--batch-size", type=int, default=None, help="Batch size (default 32; quick minilm 8).")
@@ -238,7 +246,7 @@ def main() -> None:
     quiet()
     set_threads(options.threads)
     task = load_task(options.model, train_examples=train_examples, max_length=options.max_length, seed=options.seed)
-    chosen = variants()
+    chosen = variants(options.methods)
     print(
         f"{options.model}: {len(task.train)} training examples, batch {setup.batch_size}, {setup.steps} optimizer "
         f"steps per variant (federated: {setup.rounds} rounds x {setup.clients} clients x {setup.local_steps} local "
