@@ -84,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="instruction", help="Results: benchmarks/results/<name>.json and .md.")
     parser.add_argument("--resume", action="store_true", help="Keep the cells already in the results file.")
+    parser.add_argument("--no_base", action="store_true", help="Do not score the base model (another run does).")
     parser.add_argument(
         "--quick", action="store_true", help="Smoke run: the first method, epsilon and rate, 1 round x 1 step, 20 rows."
     )
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict[str, Any]] = json.loads(path.read_text())["runs"] if args.resume and path.exists() else []
     done = {cell_key(run) for run in runs}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    if ("base", None) not in done:
+    if ("base", None) not in done and not args.no_base:
         runs.append({"method": "base", "epsilon": None, **score(script, None, args)})
         print(f"base zero-shot: test exact match {runs[-1]['test_exact_match']:.3f}", flush=True)
         write_results(args.name, {"settings": settings, "runs": runs})
