@@ -239,7 +239,7 @@ def random_token_dataset(n: int, seq_len: int = 16, num_labels: int = 3, seed: i
 # ----------------------------------------------------------------------------------------
 # Model + data of a benchmark, by name
 # ----------------------------------------------------------------------------------------
-MODELS = ("tiny", "minilm", "smollm2")
+MODELS = ("tiny", "minilm", "smollm2", "smollm2_all_layers")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_UPPER_LAYERS = tuple(range(22, 30))  # LoRA on the upper 8 of SmolLM2's 30 layers
 
@@ -267,7 +267,9 @@ class Task:
 
 def load_task(model: str, *, train_examples: int | None = None, max_length: int = 48, seed: int = 0) -> Task:
     """`tiny`: a config-built BERT on random tokens (default 4096 examples);
-    `minilm`: the offline all-MiniLM-L6-v2 on the offline tweets (all training tweets unless limited)."""
+    `minilm`: the offline all-MiniLM-L6-v2 on the offline tweets (all training tweets unless limited);
+    `smollm2`: the offline SmolLM2-135M-Instruct on the tweets as instructions, LoRA on its upper 8 layers
+    (`smollm2_all_layers`: on all 30; default 512 examples)."""
     if model == "tiny":
         from transformers import default_data_collator
 
@@ -282,8 +284,8 @@ def load_task(model: str, *, train_examples: int | None = None, max_length: int 
             seed, max_length=max_length, max_train_examples=train_examples, max_eval_examples=1
         )
         return Task("minilm", train, DataCollatorWithPadding(tokenizer), tokenizer, minilm_classifier, seed)
-    if model == "smollm2":
-        return smollm2_task(train_examples or 512, seed=seed)
+    if model in ("smollm2", "smollm2_all_layers"):
+        return smollm2_task(train_examples or 512, seed=seed, upper_layers_only=model == "smollm2")
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
@@ -297,10 +299,10 @@ def smollm2_folder() -> str:
     return os.path.dirname(spec.origin)
 
 
-def smollm2_task(train_examples: int, seed: int = 0) -> Task:
+def smollm2_task(train_examples: int, seed: int = 0, upper_layers_only: bool = True) -> Task:
     """SmolLM2-135M-Instruct (the offline GGUF, dequantised) on the tweets as a one-word sentiment instruction
     (examples/instruction_tuning/make_classification_task.py's prompt), answer tokens only in the loss; LoRA on
-    q/v of the upper 8 layers. The base is loaded once and copied for each fresh model."""
+    q/v of the upper 8 layers (or of every layer). The base is loaded once and copied for each fresh model."""
     import copy
 
     from datasets import Dataset
@@ -317,11 +319,13 @@ def smollm2_task(train_examples: int, seed: int = 0) -> Task:
         [{"role": "user", "content": question + text}, {"role": "assistant", "content": TWEET_SENTIMENT_LABELS[label]}]
         for text, label in zip(tweets["text"], tweets["label"], strict=True)
     ]
-    train = tokenize_instructions(Dataset.from_dict({"messages": rows}), tokenizer, max_length=160)
+    train = tokenize_instructions(Dataset.from_dict({"messages": rows}), tokenizer, max_length=256)
     base = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(dequantize=True)
     )
-    lora = {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": list(SMOLLM2_UPPER_LAYERS)}
+    lora = {"target_modules": ["q_proj", "v_proj"]}
+    if upper_layers_only:
+        lora["layers_to_transform"] = list(SMOLLM2_UPPER_LAYERS)
     return Task(
         "smollm2",
         train,

@@ -255,34 +255,27 @@ def load_base(model_args: ModelArguments):
 
 
 def evaluate(trainer: FederatedTrainer, tokenized: Dataset, prompts, references, data_args, mode: str, prefix: str):
-    """Answer-token loss and perplexity of the current (global) adapter; exact match by greedy generation."""
+    """Answer-token loss and perplexity of the current (global) adapter; exact match (numbers after `####`, or
+    short answers as text) by greedy generation."""
     metrics = trainer.evaluate(eval_dataset=tokenized, metric_key_prefix=prefix)
     metrics[f"{prefix}_perplexity"] = math.exp(metrics[f"{prefix}_loss"])
-    completions = None
+    if mode not in ("exact_match", "short_answer"):
+        return metrics, None
+    start = time.time()
+    completions = generate_completions(
+        trainer.model,
+        trainer.processing_class,
+        prompts,
+        max_new_tokens=data_args.max_new_tokens,
+        batch_size=data_args.generation_batch_size,
+    )
+    metrics[f"{prefix}_generation_seconds"] = time.time() - start
     if mode == "exact_match":
-        start = time.time()
-        completions = generate_completions(
-            trainer.model,
-            trainer.processing_class,
-            prompts,
-            max_new_tokens=data_args.max_new_tokens,
-            batch_size=data_args.generation_batch_size,
-        )
         metrics[f"{prefix}_exact_match"] = exact_match(completions, references)
-    elif mode == "short_answer":
-        start = time.time()
-        completions = generate_completions(
-            trainer.model,
-            trainer.processing_class,
-            prompts,
-            max_new_tokens=data_args.max_new_tokens,
-            batch_size=data_args.generation_batch_size,
-        )
+    else:
         metrics[f"{prefix}_exact_match"] = short_answer_match(completions, references)
         if len({normalize_answer(r) for r in references}) <= MAX_CHOICES:
             metrics[f"{prefix}_named_choice_match"] = named_choice_match(completions, references)
-    if completions is not None:
-        metrics[f"{prefix}_generation_seconds"] = time.time() - start
     return metrics, completions
 
 
