@@ -8,7 +8,15 @@ from .federation.partition import (
     partition_dirichlet,
     partition_iid,
 )
-from .methods import DeerConfig, FederatedMethod, FedLoraConfig, FFALoraConfig, LALoraConfig, RoLoraConfig
+from .methods import (
+    DeerConfig,
+    FederatedMethod,
+    FedLoraConfig,
+    FedSVDConfig,
+    FFALoraConfig,
+    LALoraConfig,
+    RoLoraConfig,
+)
 from .methods.registry import register_method, unregister_method
 from .trainer import FederatedTrainer
 from .training_args import FederatedTrainingArguments
@@ -19,6 +27,7 @@ __all__ = [
     "DeerConfig",
     "FFALoraConfig",
     "FedLoraConfig",
+    "FedSVDConfig",
     "FederatedMethod",
     "FederatedTrainer",
     "FederatedTrainingArguments",

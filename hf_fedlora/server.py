@@ -220,6 +220,9 @@ class Federation:
             self.global_state.update(streaming.result())
         elif uploads:
             self.global_state.update(self.method.aggregate(uploads, weights))
+        else:
+            return list(failed)
+        self.global_state.update(self.method.after_aggregation(self.global_state))
         return list(failed)
 
     def _weight(self, name: str) -> float:

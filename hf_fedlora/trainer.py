@@ -248,8 +248,9 @@ class FederatedTrainer(Trainer):
 
     def apply_uploads(self, uploads: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> None:
         """The method's aggregation of uploads merged into the global adapter (an upload may hold part of it, e.g.
-        FFA-LoRA's B): for a driver that aggregates by hand."""
+        FFA-LoRA's B), then the method's server step: for a driver that aggregates by hand."""
         self._global_state.update(self.method.aggregate(uploads, weights))
+        self._global_state.update(self.method.after_aggregation(self._global_state))
 
     def load_global_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace (part of) the global adapter, e.g. with the state a Flower client receives from its server."""

@@ -704,7 +704,7 @@ def _read_federation(record: Mapping[str, Any], problems: list[Problem], notes: 
 
 
 # Local passes per round of the methods this release knows (DEeR's deviation eliminator: B, then A).
-_KNOWN_SUB_ROUNDS = {"lora": 1, "ffa_lora": 1, "rolora": 1, "la_lora": 1, "deer": 2}
+_KNOWN_SUB_ROUNDS = {"lora": 1, "ffa_lora": 1, "rolora": 1, "la_lora": 1, "deer": 2, "fedsvd": 1}
 
 
 def _sub_rounds(record: Mapping[str, Any], method: Mapping[str, Any], rounds: int, problems: list[Problem]) -> int:

@@ -434,7 +434,7 @@ def test_biases_peft_unfreezes_are_outside_the_federated_adapter_state():
 # --------------------------------------------------------------------------------------
 def test_the_built_in_methods_keep_their_order_and_recipe():
     """Registration order, and the recipe each method class carries (the numbers of benchmarks/RESULTS.md)."""
-    assert method_names() == ["lora", "ffa_lora", "rolora", "deer", "la_lora"]
+    assert method_names() == ["lora", "ffa_lora", "rolora", "deer", "la_lora", "fedsvd"]
     assert [c.method_class.name for c in methods_module.CONFIG_CLASSES] == method_names()
     assert {name: rate.value for name, rate in DEFAULT_LEARNING_RATES.items()} == {
         "lora": 5e-3,

@@ -3,6 +3,7 @@ the demo say about it. Each is registered here, once, in the order the demo and 
 
 from .base import DefaultLearningRate, FederatedMethod, WeightedMeanAccumulator
 from .deer import DeerConfig, DeerMethod
+from .fedsvd import FedSVDConfig, FedSVDMethod
 from .ffa_lora import FFALoraConfig, FFALoraMethod
 from .la_lora import LALoraConfig, LALoraMethod
 from .lora import FedLoraConfig, FedLoraMethod
@@ -14,6 +15,7 @@ register_method(FFALoraConfig)
 register_method(RoLoraConfig)
 register_method(DeerConfig)
 register_method(LALoraConfig)
+register_method(FedSVDConfig)
 
 
 def __getattr__(name: str):
@@ -30,6 +32,8 @@ __all__ = [
     "DeerMethod",
     "DefaultLearningRate",
     "FederatedMethod",
+    "FedSVDConfig",
+    "FedSVDMethod",
     "FedLoraConfig",
     "FedLoraMethod",
     "FFALoraConfig",

@@ -107,6 +107,12 @@ class FederatedMethod:
         """FedAvg of each uploaded tensor separately (A and B averaged independently)."""
         return weighted_average(uploads, weights)
 
+    def after_aggregation(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A server step on the new global adapter after each (sub-)round's aggregation (FedSVD re-factorises B A);
+        returns the tensors it replaces, none by default. It sees only the aggregate, never an upload, so under DP
+        it is post-processing of what was already released."""
+        return {}
+
     def streaming_aggregator(self) -> WeightedMeanAccumulator | None:
         """A running aggregate the server folds each upload into as it arrives, so its memory does not grow with
         the clients of a round; it must give what `aggregate` gives. None: the method needs all uploads at once
