@@ -116,6 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rates", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2], help="Learning rates tried (AdamW) per cell."
     )
     parser.add_argument(
+        "--nonprivate_rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Rates tried by the non-private cells and the centralised ceiling (default: --rates). Without clipping "
+        "and noise a run takes larger steps, and diverges at rates DP runs need.",
+    )
+    parser.add_argument(
         "--probe_cs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="Linear probe's inverse l2 weights."
     )
     parser.add_argument("--data_seed", type=int, default=0, help="Seed of the choice of images (fixed across runs).")
@@ -132,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in SETTINGS[args.setting].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.nonprivate_rates = args.nonprivate_rates or args.rates
     args.name = args.name or f"vision_{'quick_' if args.quick else ''}{args.setting}"
     if args.batch_size % args.physical_batch_size:
         parser.error(f"--physical_batch_size {args.physical_batch_size} must divide --batch_size {args.batch_size}")
@@ -147,6 +156,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = [
         "setting", "images_per_class", "validation_per_class", "test_per_class", "image_size", "lora_layers",
         "lora_r", "lora_alpha", "rounds", "local_steps", "batch_size", "clients", "dirichlet_alpha", "rates",
+        "nonprivate_rates",
         "probe_cs", "data_seed", "delta", "clip_norm", "accountant",
     ]  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
@@ -302,8 +312,8 @@ def train_federated(
         dp_accountant=args.accountant,
         dp_secret_seed=None,
         hyperparameter_selection=(
-            f"learning rate chosen among {args.rates} by accuracy on validation images carved from the training "
-            "split (outside the epsilon)"
+            f"learning rate chosen among {args.rates if epsilon is not None else args.nonprivate_rates} by "
+            "accuracy on validation images carved from the training split (outside the epsilon)"
         ),
         remove_unused_columns=False,
         report_to=[],
@@ -389,7 +399,7 @@ def run_cell(method: str, epsilon: float | None, seed: int, task: dict, args) ->
     """Every rate on the validation images, then the best one's model on the test images, once."""
     tries, best, best_trainer = [], None, None
     with tempfile.TemporaryDirectory(prefix="vision_benchmark_") as scratch:
-        for rate in args.rates:
+        for rate in args.rates if epsilon is not None else args.nonprivate_rates:
             started = time.perf_counter()
             output_dir = f"{scratch}/lr{rate:g}"
             if method == CEILING:
@@ -552,9 +562,10 @@ def notes(args: argparse.Namespace, settings: dict[str, Any], task_sizes: dict[s
         f"Budget per run: {args.rounds} rounds x {args.local_steps} local steps x batch {args.batch_size} x "
         f"{args.clients} clients = {settings['examples_per_run']} examples (expected, Poisson under DP); DEeR "
         "splits its local steps between its two sub-rounds; each method at its config's defaults.",
-        f"Rates (AdamW, constant): each cell trains with each of {args.rates} and keeps the best validation "
-        "accuracy; only that model is scored on the test images. The linear probe's C is chosen among "
-        f"{args.probe_cs} the same way. The choice uses the training split: outside the epsilon.",
+        f"Rates (AdamW, constant): each cell trains with each of {args.rates} (non-private cells and the "
+        f"centralised ceiling: {args.nonprivate_rates}) and keeps the best validation accuracy; only that model "
+        f"is scored on the test images. The linear probe's C is chosen among {args.probe_cs} the same way. The "
+        "choice uses the training split: outside the epsilon.",
         f"DP: per-client target epsilon, delta={args.delta:g}, unit one example, clip norm {args.clip_norm}, noise "
         f"calibrated per client, accountant {args.accountant.upper()}; DP noise from OS entropy; eps spent is the "
         "largest over clients and seeds.",
@@ -591,7 +602,10 @@ def main(argv: list[str] | None = None) -> None:
         for epsilon in ([None] if method in (CEILING, PROBE) else args.epsilons)
     ]
     todo = [cell for cell in cells if cell not in done]
-    trainings = sum(1 if method == PROBE else len(args.rates) for method, _, _ in todo)
+    trainings = sum(
+        1 if method == PROBE else len(args.rates if epsilon is not None else args.nonprivate_rates)
+        for method, epsilon, _ in todo
+    )
     print(
         f"{len(cells)} cells, {len(todo)} to run ({trainings} trainings); "
         f"{settings['examples_per_run']} examples per training"

@@ -160,7 +160,14 @@ def client_epsilons(record: dict) -> dict[str, float]:
 
 @pytest.mark.parametrize(
     "method, dp_unit",
-    [("ffa_lora", None), ("ffa_lora", "example"), ("deer", None), ("deer", "example"), ("deer", "client")],
+    [
+        ("ffa_lora", None),
+        ("ffa_lora", "example"),
+        ("deer", None),
+        ("deer", "example"),
+        ("deer", "client"),
+        ("fedsvd", "example"),  # the server's SVD step runs in the one server half: A travels back to clients
+    ],
 )
 def test_flower_run_equals_in_process_trainer(tmp_path, method, dp_unit):
     run_config = tiny_run_config(tmp_path, method, dp_unit)

@@ -444,7 +444,7 @@ def test_the_built_in_methods_keep_their_order_and_recipe():
         "la_lora": 5e-2,
     }
     assert all(rate.tuned and "lr_sweep.py" in rate.source for rate in DEFAULT_LEARNING_RATES.values())
-    assert dict(RECIPE_METHOD_SETTINGS) == {"ffa_lora": {"lr_ratio_b": 0.1}}
+    assert dict(RECIPE_METHOD_SETTINGS) == {"ffa_lora": {"lr_ratio_b": 0.1}, "fedsvd": {"lr_ratio_b": 0.1}}
     assert recipe_settings("ffa_lora") == {"lr_ratio_b": 0.1} and recipe_settings("deer") == {}
 
 

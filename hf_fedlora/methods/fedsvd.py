@@ -63,7 +63,9 @@ class FedSVDMethod(FFALoraMethod):
   note      = {arXiv:2505.12805}
 }"""
     recipe_learning_rate = None  # not tuned on the recipe: the demo says so
-    recipe_settings = {}
+    # Its clients are FFA-LoRA's, so it keeps FFA-LoRA's recipe setting (B at a tenth of the head's rate) without
+    # a search of its own; only its rate is swept.
+    recipe_settings = FFALoraMethod.recipe_settings
 
     @torch.no_grad()
     def after_aggregation(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
