@@ -379,19 +379,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
+def wait_healthy(port: int, process: subprocess.Popen, ca_file: Path | None = None, timeout: float = 60) -> None:
+    """Poll the SuperLink's /health endpoint (over TLS, checked against ca_file, when it has one)."""
+    import ssl
     import urllib.request
 
+    scheme, context = ("https", ssl.create_default_context(cafile=str(ca_file))) if ca_file else ("http", None)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the SuperLink exited with {process.returncode} (see superlink.log)")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1, context=context):
                 return
         except OSError:
             time.sleep(0.25)
     raise TimeoutError(f"the SuperLink did not become healthy on port {port} within {timeout}s")
+
+
+def make_credentials(out_dir: Path, nodes: int) -> dict[str, Path]:
+    """examples/flower/make_credentials.py, the script the README's secure deployment uses."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "flower" / "make_credentials.py"
+    spec = importlib.util.spec_from_file_location("make_credentials", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_credentials(out_dir, ["127.0.0.1"], nodes)
 
 
 def write_app(folder: Path, run_config: dict) -> None:
@@ -426,9 +440,12 @@ def write_app(folder: Path, run_config: dict) -> None:
 @pytest.mark.skipif(
     not (Path(sys.executable).parent / "flower-superlink").exists(), reason="flwr's command-line tools are missing"
 )
-def test_loopback_deployment(tmp_path):
-    """flwr run on a SuperLink and two SuperNodes (insecure, 127.0.0.1 only); checks what the ServerApp wrote and
-    each client's epsilon (never the exit code: `flwr run --stream` exits 0 when the ServerApp fails)."""
+@pytest.mark.parametrize("secure", [True, False], ids=["tls_authenticated_supernodes", "insecure_local"])
+def test_loopback_deployment(tmp_path, secure):
+    """flwr run on a SuperLink and two SuperNodes on 127.0.0.1; checks what the ServerApp wrote and each client's
+    epsilon (never the exit code: `flwr run --stream` exits 0 when the ServerApp fails). Secure: TLS with the
+    test's own CA, SuperNode authentication with registered node keys, and a third SuperNode whose key was never
+    registered, which the SuperLink must refuse. Insecure: the explicitly local variant."""
     bin_dir = Path(sys.executable).parent
     out = tmp_path / "out"
     run_config = tiny_run_config(tmp_path, "ffa_lora", "example", **{"output-dir": str(out), "wait-timeout": 120})
@@ -438,9 +455,26 @@ def test_loopback_deployment(tmp_path):
     link_port, node_ports = free_port(), [free_port(), free_port()]
     home = tmp_path / "flwr_home"
     home.mkdir()
+    credentials = make_credentials(tmp_path / "credentials", nodes=NUM_CLIENTS + 1) if secure else {}
+    # The CLI checks the SuperLink's certificate against the CA; insecure only when explicitly local.
+    transport = f'root-certificates = "{credentials["ca.crt"]}"' if secure else "insecure = true"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "local"\n[superlink.local]\naddress = "127.0.0.1:{link_port}"\n{transport}\n'
     )
+    if secure:
+        link_security = [
+            *("--ssl-ca-certfile", str(credentials["ca.crt"]), "--ssl-certfile", str(credentials["server.pem"])),
+            *("--ssl-keyfile", str(credentials["server.key"]), "--enable-supernode-auth"),
+        ]
+    else:
+        link_security = ["--insecure"]
+
+    def node_security(index: int) -> list[str]:
+        if not secure:
+            return ["--insecure"]
+        key = credentials[f"node{index}.key"]
+        return ["--root-certificates", str(credentials["ca.crt"]), "--auth-supernode-private-key", str(key)]
+
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # the SuperLink starts flower-superexec
@@ -469,7 +503,7 @@ def test_loopback_deployment(tmp_path):
             "superlink",
             [
                 str(bin_dir / "flower-superlink"),
-                "--insecure",
+                *link_security,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -477,7 +511,33 @@ def test_loopback_deployment(tmp_path):
                 "--disable-runtime-dependency-installation",
             ],
         )
-        wait_healthy(link_port, superlink)
+        wait_healthy(link_port, superlink, credentials.get("ca.crt"))
+        if secure:  # only the two federation members' public keys are registered
+            for partition in range(NUM_CLIENTS):
+                registered = subprocess.run(
+                    [str(bin_dir / "flwr"), "supernode", "register", str(credentials[f"node{partition}.pub"]), "local"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert "registered successfully" in registered.stdout, registered.stdout + registered.stderr
+            stranger = start(
+                "stranger",
+                [
+                    str(bin_dir / "flower-supernode"),
+                    *node_security(NUM_CLIENTS),  # a well-formed key on the right curve, never registered
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--node-config",
+                    f'partition-id=0 num-partitions={NUM_CLIENTS} ledger-dir="{tmp_path / "stranger_ledger"}"',
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                ],
+                FLWR_HOME=str(tmp_path / "stranger_home"),
+            )
         for partition, port in enumerate(node_ports):
             node_home = tmp_path / f"node{partition}"
             node_home.mkdir()
@@ -488,7 +548,7 @@ def test_loopback_deployment(tmp_path):
                 f"supernode{partition}",
                 [
                     str(bin_dir / "flower-supernode"),
-                    "--insecure",
+                    *node_security(partition),
                     "--superlink",
                     f"127.0.0.1:{link_port}",
                     "--node-config",
@@ -508,7 +568,14 @@ def test_loopback_deployment(tmp_path):
             timeout=400,
         )
         elapsed = time.monotonic() - started
-        print(f"loopback deployment: {elapsed:.1f} s wall")
+        print(
+            f"loopback deployment ({'TLS, authenticated SuperNodes' if secure else 'insecure'}): {elapsed:.1f} s wall"
+        )
+        if secure:  # the SuperLink refused the unregistered key: the stranger gave up, and never trained
+            stranger.wait(timeout=60)
+            stranger_log = (tmp_path / "stranger.log").read_text()
+            assert stranger.returncode != 0 and "Failed to activate SuperNode" in stranger_log, stranger_log[-2000:]
+            assert not (tmp_path / "stranger_ledger").exists()
         record_path = out / "federated_training.json"
         assert record_path.exists(), (
             f"no record written; flwr run said:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
