@@ -19,6 +19,7 @@ from hf_fedlora import FederatedTrainer, FedSVDConfig, FFALoraConfig
 from hf_fedlora.federation.adapter_state import HEAD, LORA_A, LORA_B, factor_of, peer_name
 from hf_fedlora.hub import CARD_NAME
 from hf_fedlora.methods.fedsvd import svd_refactorize
+from hf_fedlora.verify import verify_adapter
 
 SIZES = [10, 20, 30]  # unequal clients: a wrong weighting would show
 
@@ -161,14 +162,18 @@ def independent_rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: 
 
 
 def test_the_svd_step_costs_no_privacy(tmp_path):
-    """Calibrated to a target, FedSVD's clients get FFA-LoRA's noise and epsilon for the same schedule, and an
-    independent accountant gives the same epsilon from (sigma, q, steps)."""
+    """Calibrated to a target, FedSVD's clients get FFA-LoRA's noise and epsilon for the same schedule, an
+    independent accountant gives the same epsilon from (sigma, q, steps), and `hf-fedlora verify` accepts the
+    saved FedSVD adapter."""
     reports = {}
     for config_cls in (FedSVDConfig, FFALoraConfig):
         args = fed_args(tmp_path / config_cls.__name__, num_rounds=3, local_steps=2, dp_target_epsilon=4.0)
         trainer = FederatedTrainer(tiny_peft(config_cls), args, train_dataset=toy_dataset(120))
         trainer.train()
+        trainer.save_model()
         reports[config_cls] = trainer.privacy_report()
+    report = verify_adapter(tmp_path / FedSVDConfig.__name__)
+    assert report.ok and report.private, report.problems
     fedsvd, ffa = reports[FedSVDConfig], reports[FFALoraConfig]
     assert fedsvd["epsilon"] == ffa["epsilon"] and fedsvd["epsilon"] <= 4.0
     for name, client in fedsvd["clients"].items():
