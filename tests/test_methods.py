@@ -442,6 +442,7 @@ def test_the_built_in_methods_keep_their_order_and_recipe():
         "rolora": 2e-2,
         "deer": 1e-2,
         "la_lora": 5e-2,
+        "fedsvd": 5e-2,
     }
     assert all(rate.tuned and "lr_sweep.py" in rate.source for rate in DEFAULT_LEARNING_RATES.values())
     assert dict(RECIPE_METHOD_SETTINGS) == {"ffa_lora": {"lr_ratio_b": 0.1}, "fedsvd": {"lr_ratio_b": 0.1}}
