@@ -7,12 +7,11 @@ FFA-LoRA's for the same schedule, and an independent accountant agrees); the ada
 
 from __future__ import annotations
 
-import dp_accounting
 import pytest
 import torch
-from dp_accounting.rdp import RdpAccountant
-from opacus.accountants import RDPAccountant
 from peft import PeftModel
+from test_deer_rolora import independent_rdp_epsilon
+from test_privacy_truth import logits_of
 from tiny import fed_args, tiny_bert, tiny_peft, toy_dataset
 
 from hf_fedlora import FederatedTrainer, FedSVDConfig, FFALoraConfig
@@ -152,15 +151,6 @@ def test_every_server_step_keeps_the_aggregated_product_and_orthonormalises_A(tm
 # --------------------------------------------------------------------------------------
 # 3. No privacy cost
 # --------------------------------------------------------------------------------------
-def independent_rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Google's dp_accounting (RDP, on Opacus's orders >= 2), from (sigma, q, steps) alone."""
-    accountant = RdpAccountant(orders=[order for order in RDPAccountant.DEFAULT_ALPHAS if order >= 2])
-    accountant.compose(
-        dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps
-    )
-    return accountant.get_epsilon(delta)
-
-
 def test_the_svd_step_costs_no_privacy(tmp_path):
     """Calibrated to a target, FedSVD's clients get FFA-LoRA's noise and epsilon for the same schedule, an
     independent accountant gives the same epsilon from (sigma, q, steps), and `hf-fedlora verify` accepts the
@@ -188,12 +178,6 @@ def test_the_svd_step_costs_no_privacy(tmp_path):
 # --------------------------------------------------------------------------------------
 # 4. Plain peft, and continuing a trained adapter
 # --------------------------------------------------------------------------------------
-def logits_of(model, data) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(data["input_ids"][:16])).logits
-
-
 def test_the_card_cites_it_the_adapter_loads_in_plain_peft_and_a_new_trainer_keeps_its_A(tmp_path):
     data = toy_dataset(120)
     trainer = FederatedTrainer(
