@@ -59,6 +59,8 @@ TRANSFER_MEASURED = {
     "lora": "lora (DP-LoRA) kept only 77-81% of its non-private federated accuracy at epsilon 3 and 8 on two "
     "datasets the recipe never saw, and fell to the majority class on one seed: prefer ffa_lora "
     "(benchmarks/RESULTS.md#transfer)",
+    "fedsvd": "fedsvd kept 92-97% of its non-private federated accuracy at epsilon 3 and 8 on two datasets the "
+    "recipe never saw, within the seed spread of ffa_lora (benchmarks/RESULTS.md#transfer)",
 }
 
 
