@@ -161,6 +161,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def rates_for(args: argparse.Namespace, epsilon: float | None) -> list[float]:
+    """The rates a cell tries: --rates under DP, --nonprivate_rates for non-private cells and the ceiling."""
+    return args.rates if epsilon is not None else args.nonprivate_rates
+
+
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """Everything a cell's result depends on besides (method, epsilon, seed)."""
     keys = [
@@ -326,7 +331,7 @@ def train_federated(
         dp_accountant=args.accountant,
         dp_secret_seed=None,
         hyperparameter_selection=(
-            f"learning rate chosen among {args.rates if epsilon is not None else args.nonprivate_rates} by "
+            f"learning rate chosen among {rates_for(args, epsilon)} by "
             "accuracy on validation images carved from the training split (outside the epsilon)"
         ),
         remove_unused_columns=False,
@@ -413,7 +418,7 @@ def run_cell(method: str, epsilon: float | None, seed: int, task: dict, args) ->
     """Every rate on the validation images, then the best one's model on the test images, once."""
     tries, best, best_trainer = [], None, None
     with tempfile.TemporaryDirectory(prefix="vision_benchmark_") as scratch:
-        for rate in args.rates if epsilon is not None else args.nonprivate_rates:
+        for rate in rates_for(args, epsilon):
             started = time.perf_counter()
             output_dir = f"{scratch}/lr{rate:g}"
             if method == CEILING:
@@ -652,10 +657,7 @@ def main(argv: list[str] | None = None) -> None:
         for epsilon in ([None] if method in (CEILING, PROBE) else args.epsilons)
     ]
     todo = [cell for cell in cells if cell not in done]
-    trainings = sum(
-        1 if method == PROBE else len(args.rates if epsilon is not None else args.nonprivate_rates)
-        for method, epsilon, _ in todo
-    )
+    trainings = sum(1 if method == PROBE else len(rates_for(args, epsilon)) for method, epsilon, _ in todo)
     print(
         f"{len(cells)} cells, {len(todo)} to run ({trainings} trainings); "
         f"{settings['examples_per_run']} examples per training"

@@ -221,7 +221,7 @@ class Federation:
         elif uploads:
             self.global_state.update(self.method.aggregate(uploads, weights))
         else:
-            return list(failed)
+            return list(failed)  # nothing was aggregated: the global state, and so the method's server step, stay
         self.global_state.update(self.method.after_aggregation(self.global_state))
         return list(failed)
 
