@@ -339,8 +339,24 @@ def _privacy_context(privacy: Mapping[str, Any]) -> dict[str, Any]:
             expected_clients=_number(privacy.get("expected_clients_per_round"), "g"),
             releases_per_round=int(privacy.get("releases_per_round") or 1),
             rounds=_number(privacy.get("rounds"), "d"),
+            distributed=_distributed_context(privacy),
         )
     return context
+
+
+def _distributed_context(privacy: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The distributed-noise plan as the card prints it, or None under central noise."""
+    plan = privacy.get("distributed_noise")
+    if privacy.get("noise_placement") != "distributed" or not isinstance(plan, Mapping):
+        return None
+    return {
+        "bits": int(plan["bits"]),
+        "granularity": _number(plan["granularity"]),
+        "dimension": int(plan["dimension"]),
+        "min_shares": int(plan["min_shares"]),
+        "max_shares": int(plan["max_shares"]),
+        "simulated": privacy.get("secure_sum") == "simulated in process",
+    }
 
 
 def _selection_text(record: Mapping[str, Any]) -> str:

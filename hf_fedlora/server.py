@@ -121,7 +121,14 @@ class Federation:
         try:
             if self.client_level is not None:
                 releases = max((self.method.num_sub_rounds(r) for r in rounds), default=1)
-                self.client_level.plan(len(names), self.args.clients_per_round, len(rounds), releases)
+                self.client_level.plan(
+                    len(names),
+                    self.args.clients_per_round,
+                    len(rounds),
+                    releases,
+                    upload_size=self._largest_release(rounds),
+                    min_clients=self.args.min_clients_per_round,
+                )
                 return
             schedule = {r: self.schedule.get(r) or self._draw_participants(names) for r in rounds}
             if self.accounts is not None:
@@ -130,6 +137,23 @@ class Federation:
         except Exception:
             self._participation_rng.bit_generator.state = state
             raise
+
+    def _largest_release(self, rounds: range) -> int:
+        """How many numbers the largest (sub-)round release holds: the distributed encoding's size."""
+        if self.client_level.noise_placement == "distributed" and self.method.regulates_noise():
+            raise ValueError(
+                f"{self.method.name} shapes the aggregator's noise by the global adapter; with "
+                "dp_noise_placement='distributed' each client adds isotropic noise. Use dp_noise_placement='central'."
+            )
+        sizes = [
+            sum(
+                tensor.numel()
+                for tensor in parameters_of(self.global_state, self.method.uploaded_factors(r, s)).values()
+            )
+            for r in list(rounds)[:2]
+            for s in range(self.method.num_sub_rounds(r))
+        ]
+        return max(sizes, default=0)
 
     def _draw_participants(self, names: list[str]) -> list[str]:
         count = self.args.clients_per_round or len(names)
@@ -185,7 +209,7 @@ class Federation:
             for name in active:  # counted when sent: a client that fails half-way has spent them
                 self.accounts.schedule(name, steps[name])
         if self.client_level is not None:
-            aggregate = self.client_level.aggregator(keys)
+            aggregate = self.client_level.aggregator(keys, round_index, sub_round, self.args.seed)
             streaming, uploads, weights = None, None, None
         else:
             aggregate = None

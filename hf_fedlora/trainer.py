@@ -46,6 +46,7 @@ from .privacy import (
     check_trainable_is_federated,
 )
 from .privacy.client_level import ClientLevelPrivacy
+from .privacy.distributed_noise import client_encoder
 from .privacy.modes import client_round_privacy, privacy_from_args, server_accounts
 from .privacy.secret_store import SecretStore, new_run_id
 from .privacy.state import steps_of
@@ -299,7 +300,7 @@ class FederatedTrainer(Trainer):
         shuffle = torch.Generator().manual_seed(int(shuffle_seed))
         load_into(self._adapter, self._global_state)
         self.model.train()
-        self._round = self._make_round(name)
+        self._round = self._make_round(name, round_index, sub_round)
         optimizer = self._round.optimizer(
             self._fresh_optimizer(),
             batch_size=self.logical_batch_size,
@@ -335,15 +336,24 @@ class FederatedTrainer(Trainer):
         start = {key: self._global_state[key] for key in trained}
         return round_privacy.release(start, trained), round_privacy.published_losses(losses)
 
-    def _make_round(self, name: str | None):
+    def _make_round(self, name: str | None, round_index: int = 0, sub_round: int = 0):
         return client_round_privacy(
             self.args,
             self.accelerator,
             self.privacy if self._per_example_dp else None,
             name,
+            encoder=self._distributed_encoder(name, round_index, sub_round),
             loss_scale=self._per_example_loss_scale,
             on_close=self._write_secret_state,
         )
+
+    def _distributed_encoder(self, name: str | None, round_index: int, sub_round: int):
+        """Under distributed noise, the client's encoding for the secure sum (the aggregator's public plan)."""
+        plan = getattr(self.privacy, "distributed", None)
+        if plan is None or name is None:
+            return None
+        index = self.client_indices[name]
+        return client_encoder(plan, self.args.seed, self.args.dp_secret_seed, index, round_index, sub_round)
 
     @property
     def _per_example_dp(self) -> bool:

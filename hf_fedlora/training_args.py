@@ -11,7 +11,7 @@ from transformers import SchedulerType, TrainingArguments
 from .federation.partition import SCHEMES
 from .lr_schedule import check_schedule
 from .privacy import ACCOUNTANTS
-from .privacy.client_level import NEIGHBOURING_RELATIONS
+from .privacy.client_level import NEIGHBOURING_RELATIONS, NOISE_PLACEMENTS
 from .privacy.dp_optimizer import CLIPPINGS
 from .privacy.engine import CALIBRATIONS, UNITS
 
@@ -149,6 +149,22 @@ class FederatedTrainingArguments(TrainingArguments):
             "client list is public; replacing one client's data moves the sum by up to 2 x dp_clip_norm, which is "
             "accounted; every client takes part in every round."
         },
+    )
+    dp_noise_placement: str = field(
+        default="central",
+        metadata={
+            "help": "Under dp_unit='client', who adds the noise, one of ('central', 'distributed'). 'central': the "
+            "aggregator adds it to the sum of clipped updates (it sees the updates before the noise). 'distributed': "
+            "each client adds its share of discrete Gaussian noise to its update, encoded as integers modulo "
+            "2^dp_secure_sum_bits for a secure sum, so the aggregator learns only the noised sum (Kairouz et al., "
+            "2021; docs/algorithms.md#distributed-noise). The noise is planned for min_clients_per_round surviving "
+            "clients (default: all); every client takes part in every round. In process the secure sum is "
+            "simulated: the same modular arithmetic, without the masks that hide each upload."
+        },
+    )
+    dp_secure_sum_bits: int = field(
+        default=20,
+        metadata={"help": "Bits per coordinate of the secure sum under dp_noise_placement='distributed' (8-48)."},
     )
     dp_target_epsilon: float | None = field(
         default=None,
@@ -347,6 +363,22 @@ class FederatedTrainingArguments(TrainingArguments):
         _require_choice(self.dp_accountant, "dp_accountant", tuple(sorted(ACCOUNTANTS)))
         _require_choice(self.dp_unit, "dp_unit", UNITS)
         _require_choice(self.dp_neighbouring_relation, "dp_neighbouring_relation", NEIGHBOURING_RELATIONS)
+        _require_choice(self.dp_noise_placement, "dp_noise_placement", NOISE_PLACEMENTS)
+        _require_int(self.dp_secure_sum_bits, "dp_secure_sum_bits", minimum=8)
+        if self.dp_secure_sum_bits > 48:
+            raise ValueError(f"dp_secure_sum_bits must be at most 48, got {self.dp_secure_sum_bits}")
+        if self.private and self.dp_noise_placement == "distributed":
+            if self.dp_unit != "client":
+                raise ValueError(
+                    "dp_noise_placement='distributed' is for dp_unit='client' (clients add the aggregator's noise); "
+                    "under dp_unit='example' every client already adds its own noise inside DP-SGD."
+                )
+            if self.clients_per_round is not None:
+                raise ValueError(
+                    f"dp_noise_placement='distributed' needs every client in every round (clients_per_round="
+                    f"{self.clients_per_round} given): the aggregator that runs the secure sum knows who took part, "
+                    "so sampling would not amplify against it. Leave clients_per_round unset."
+                )
         if not isinstance(self.dp_secure_mode, bool):
             raise ValueError(f"dp_secure_mode must be True or False, got {self.dp_secure_mode!r}")
         if self.dp_secure_mode and self.dp_secret_seed is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .accountants import epsilon_from_history
 
@@ -84,6 +84,11 @@ def _search_with_prior(
     def epsilon(sigma: float) -> float:
         return epsilon_from_history(list(prior_history) + [(sigma, sample_rate, steps)], target_delta, accountant)
 
+    return smallest_noise_multiplier(epsilon, target_epsilon, tolerance)
+
+
+def smallest_noise_multiplier(epsilon: Callable[[float], float], target_epsilon: float, tolerance: float = 0.01):
+    """Bisection on sigma for epsilon(sigma) <= target (epsilon falls as sigma grows), to `tolerance`."""
     low, high = 0.0, 10.0
     while epsilon(high) > target_epsilon:
         low, high = high, 2 * high

@@ -14,7 +14,10 @@ The neighbouring relation is named, as Flower's PrivacyConfig names it:
 - "replace_one": the client list is public; one client's data replaced by another's moves the sum by up to 2C,
   accounted as such. Every client takes part in every round (no sampling is analysed for this relation here).
 
-Trust: the aggregator sees the clipped updates before the noise (central DP).
+Trust: with the noise placed centrally (the default) the aggregator sees the clipped updates before the noise
+(central DP). With dp_noise_placement="distributed" each client adds its share of discrete Gaussian noise to its
+encoded update and a secure sum gives the aggregator only the noised sum (`distributed_noise`); every client then
+takes part in every round, and the plan counts only the shares of the fewest clients allowed to finish a round.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_noise_multiplier
+from .distributed_noise import ENCODED, DistributedNoisePlan, decode, plan_distributed_noise, rotation_signs
 from .dp_optimizer import CLIPPINGS
 from .mechanism import DPMechanism, derived_seed, mechanism_arguments
 from .noise import draw_noise
@@ -34,6 +38,8 @@ from .state import decode_generator_state, encode_generator_state, merged_histor
 
 ADD_OR_REMOVE_ONE, REPLACE_ONE = "add_or_remove_one", "replace_one"
 NEIGHBOURING_RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
+CENTRAL, DISTRIBUTED = "central", "distributed"
+NOISE_PLACEMENTS = (CENTRAL, DISTRIBUTED)
 AGGREGATOR, NOISE_STREAM, PARTICIPATION_STREAM = 0, 3, 4  # the aggregator's own streams
 
 
@@ -86,6 +92,8 @@ class ClientLevelPrivacy(DPMechanism):
         relation: str = ADD_OR_REMOVE_ONE,
         secret_seed: int | None = None,
         secure_mode: bool = False,
+        noise_placement: str = CENTRAL,
+        secure_sum_bits: int = 20,
     ):
         if relation not in NEIGHBOURING_RELATIONS:
             choices = list(NEIGHBOURING_RELATIONS)
@@ -100,7 +108,12 @@ class ClientLevelPrivacy(DPMechanism):
             secret_seed=secret_seed,
             secure_mode=secure_mode,
         )
+        if noise_placement not in NOISE_PLACEMENTS:
+            raise ValueError(f"dp_noise_placement must be one of {list(NOISE_PLACEMENTS)}, got {noise_placement!r}")
         self.relation = relation
+        self.noise_placement = noise_placement
+        self.secure_sum_bits = secure_sum_bits
+        self.distributed: DistributedNoisePlan | None = None  # set by plan() under distributed noise
         root = self._secret_root
         self._noise_generator = torch.Generator().manual_seed(derived_seed(root, AGGREGATOR, NOISE_STREAM))
         self._participation_generator = torch.Generator().manual_seed(
@@ -115,10 +128,24 @@ class ClientLevelPrivacy(DPMechanism):
         self.accountant = make_accountant(accountant)
 
     # --- before training --------------------------------------------------------------------------
-    def plan(self, num_clients: int, clients_per_round: int | None, rounds: int, releases_per_round: int) -> None:
+    def plan(
+        self,
+        num_clients: int,
+        clients_per_round: int | None,
+        rounds: int,
+        releases_per_round: int,
+        *,
+        upload_size: int = 0,
+        min_clients: int | None = None,
+    ) -> None:
         """Fix q = W / N, the expected count W and sigma for `rounds` more rounds; refuse a plan over the target.
+        Under distributed noise also the encoding (`upload_size`: the largest release, in numbers) for at least
+        `min_clients` surviving shares.
 
         Called again for a later `train()` of the same run: sigma stays, the budget grows if the target allows."""
+        if self.noise_placement == DISTRIBUTED:
+            self._plan_distributed(num_clients, clients_per_round, rounds, releases_per_round, upload_size, min_clients)
+            return
         expected = clients_per_round or num_clients
         if self.relation == REPLACE_ONE and expected != num_clients:
             raise ValueError(
@@ -137,6 +164,45 @@ class ClientLevelPrivacy(DPMechanism):
         if self.noise_multiplier is None:
             self.noise_multiplier = self._calibrate(rounds)
         self._refuse_overspending(rounds)
+        self.round_budget = self.rounds_run + rounds
+
+    def _plan_distributed(self, num_clients, clients_per_round, rounds, releases_per_round, upload_size, min_clients):
+        if clients_per_round is not None and clients_per_round != num_clients:
+            raise ValueError(
+                "dp_noise_placement='distributed' needs every client in every round: leave clients_per_round unset"
+            )
+        if self.prior_history:
+            raise ValueError(
+                "Continuing an adapter under dp_noise_placement='distributed' is not supported: its accounting "
+                "composes one plan. Set dp_new_privacy_budget=True only if this run's data are disjoint."
+            )
+        min_shares = min(min_clients or num_clients, num_clients)
+        if self.delta >= 1.0 / num_clients:
+            raise ValueError(f"dp_target_delta={self.delta} is not below 1/N for the N={num_clients} clients")
+        self.sample_rate, self.expected_clients, self.releases_per_round = 1.0, float(num_clients), releases_per_round
+        if self.distributed is None:
+            self.distributed = plan_distributed_noise(
+                target_epsilon=self.target_epsilon,
+                noise_multiplier=self.fixed_noise_multiplier,
+                delta=self.delta,
+                clip_norm=self.clip_norm,
+                upload_size=upload_size,
+                bits=self.secure_sum_bits,
+                clients=num_clients,
+                min_shares=min_shares,
+                rounds=rounds,
+                releases_per_round=releases_per_round,
+                sensitivity_factor=2.0 if self.relation == REPLACE_ONE else 1.0,
+            )
+            self.noise_multiplier = self.distributed.noise_multiplier
+        if self.target_epsilon is not None:
+            epsilon = self.distributed.epsilon(self.rounds_run + rounds, self.delta)
+            if epsilon > self.target_epsilon:
+                raise ValueError(
+                    f"This plan would exceed dp_target_epsilon={self.target_epsilon} (unit: one client, distributed "
+                    f"noise): {self.rounds_run} rounds already run + {rounds} planned -> epsilon {epsilon:.3f}; "
+                    "nothing was trained."
+                )
         self.round_budget = self.rounds_run + rounds
 
     def _calibrate(self, rounds: int) -> float:
@@ -198,15 +264,25 @@ class ClientLevelPrivacy(DPMechanism):
         """One accounted round, counted BEFORE its noise is drawn: a round that fails half-way is still spent."""
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
-    def aggregator(self, keys: Iterable[str]) -> DPFedAvgSum:
-        """A sum of clipped updates over the released tensors `keys`, for one release (sub-round)."""
+    def aggregator(self, keys: Iterable[str], round_index: int = 0, sub_round: int = 0, public_seed: int = 0):
+        """A sum of clipped updates over the released tensors `keys`, for one release (sub-round): the plain sum
+        (central noise) or the secure sum of encoded uploads (distributed noise)."""
+        if self.distributed is not None:
+            return DistributedSum(
+                self, list(keys), rotation_signs(public_seed, round_index, sub_round, self.distributed.dimension)
+            )
         return DPFedAvgSum(self, list(keys))
 
     # --- reporting --------------------------------------------------------------------------------
     @classmethod
     def from_args(cls, args: Any) -> ClientLevelPrivacy:
         """The aggregator's mechanism a run's `FederatedTrainingArguments` describe (every driver builds it so)."""
-        return cls(**mechanism_arguments(args), relation=args.dp_neighbouring_relation)
+        return cls(
+            **mechanism_arguments(args),
+            relation=args.dp_neighbouring_relation,
+            noise_placement=args.dp_noise_placement,
+            secure_sum_bits=args.dp_secure_sum_bits,
+        )
 
     @property
     def rounds_run(self) -> int:
@@ -217,6 +293,8 @@ class ClientLevelPrivacy(DPMechanism):
         return merged_history(self.prior_history + [tuple(entry) for entry in self.accountant.history])
 
     def epsilon(self) -> float:
+        if self.distributed is not None:
+            return self.distributed.epsilon(self.rounds_run, self.delta)
         return client_level_epsilon(self.history, self.delta, self.accountant_name, self.relation)
 
     def max_epsilon(self) -> float:
@@ -247,6 +325,17 @@ class ClientLevelPrivacy(DPMechanism):
             "secure_mode": self.secure_mode,
             "seeded": self.seeded,
             "clients": {},
+            **self._placement_report(),
+        }
+
+    def _placement_report(self) -> dict[str, Any]:
+        if self.distributed is None:
+            return {"noise_placement": CENTRAL}
+        return {
+            "noise_placement": DISTRIBUTED,
+            "accountant": "rdp_distributed_discrete_gaussian",
+            "distributed_noise": self.distributed.to_dict(),
+            "secure_sum": "simulated in process",
         }
 
     # --- secret state (the secret store, never beside artefacts) ----------------------------------
@@ -259,6 +348,7 @@ class ClientLevelPrivacy(DPMechanism):
             "round_budget": self.round_budget,
             "prior_history": [list(entry) for entry in self.prior_history],
             "history": [list(entry) for entry in self.accountant.history],
+            "distributed": self.distributed.to_dict() if self.distributed is not None else None,
             "noise_generator": encode_generator_state(self._noise_generator),
             "participation_generator": encode_generator_state(self._participation_generator),
         }
@@ -271,6 +361,8 @@ class ClientLevelPrivacy(DPMechanism):
         self.round_budget = state["round_budget"]
         self.prior_history = [(float(s), float(q), int(n)) for s, q, n in state["prior_history"]]
         self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        distributed = state.get("distributed")
+        self.distributed = DistributedNoisePlan.from_dict(distributed) if distributed else None
         decode_generator_state(self._noise_generator, state["noise_generator"])
         decode_generator_state(self._participation_generator, state["participation_generator"])
 
@@ -309,4 +401,47 @@ class DPFedAvgSum:
             noise = draw_noise(key, start.shape, global_state, std, generator, regulate, privacy.secure_mode)
             step = (total + noise.float().to(total.device)) / privacy.expected_clients
             released[key] = (start.float() + step).to(start.dtype)
+        return released
+
+
+class DistributedSum:
+    """One release under distributed noise: the secure sum of the clients' encoded uploads (each clipped, rounded
+    and carrying its noise share), decoded and divided by the expected count. The aggregator adds no noise and, in
+    a real deployment, sees only the modular sum; refused if fewer shares than planned survived."""
+
+    def __init__(self, privacy: ClientLevelPrivacy, keys: list[str], signs: torch.Tensor):
+        self.privacy = privacy
+        self.keys = keys
+        self.signs = signs
+        self.plan = privacy.distributed
+        self.shares = 0
+        self._sum = torch.zeros(self.plan.dimension, dtype=torch.int64)
+
+    @torch.no_grad()
+    def add(self, upload: Mapping[str, torch.Tensor]) -> None:
+        encoded = upload.get(ENCODED) if set(upload) == {ENCODED} else None
+        if encoded is None or encoded.shape != (self.plan.dimension,) or encoded.dtype != torch.int64:
+            raise ValueError(
+                f"under distributed noise an upload is one int64 tensor {ENCODED!r} of {self.plan.dimension} numbers; "
+                f"got {sorted(upload)[:3]}"
+            )
+        if bool((encoded < 0).any() or (encoded >= self.plan.modulus).any()):
+            raise ValueError(f"an encoded upload holds numbers outside [0, 2^{self.plan.bits})")
+        self._sum = torch.remainder(self._sum + encoded, self.plan.modulus)
+        self.shares += 1
+
+    @torch.no_grad()
+    def release(self, global_state: Mapping[str, torch.Tensor], regulate: bool) -> dict[str, torch.Tensor]:
+        if self.shares < self.plan.min_shares:
+            raise RuntimeError(
+                f"only {self.shares} of the planned minimum {self.plan.min_shares} noise shares arrived: the sum would "
+                "carry less noise than accounted, so nothing is released"
+            )
+        total = decode(self._sum, self.plan, self.signs, {key: tuple(global_state[key].shape) for key in self.keys})
+        released = {}
+        for key in self.keys:
+            start = global_state[key]
+            released[key] = (start.float() + total[key].to(start.device) / self.privacy.expected_clients).to(
+                start.dtype
+            )
         return released

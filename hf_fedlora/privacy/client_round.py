@@ -7,7 +7,8 @@ every mode (as Opacus's `make_private` hands back wrapped pieces).
   it runs, per-example losses and gradients, clipping and noise in the DP optimizer; an empty batch still takes a
   (pure-noise) step; under fp16 a fixed, public loss scale.
 - `ClientLevelRound` (unit one client, DP-FedAvg): trains as `NonPrivateRound`; the release is the round's update
-  (trained minus start), clipped to C. The noise is the aggregator's (`ClientLevelPrivacy`).
+  (trained minus start), clipped to C. The noise is the aggregator's (`ClientLevelPrivacy`), or under distributed
+  noise the client's own share, added as it encodes the update for the secure sum.
 
 Under DP nothing computed without noise leaves the client: losses stay unless the run publishes them on request.
 """
@@ -92,14 +93,25 @@ class NonPrivateRound:
 class ClientLevelRound(NonPrivateRound):
     """DP-FedAvg's client: local training as usual; what leaves is the update clipped to C."""
 
-    def __init__(self, args: Any, accelerator: Any, *, clip_norm: float, clipping: str, publish_losses: bool):
+    def __init__(
+        self,
+        args: Any,
+        accelerator: Any,
+        *,
+        clip_norm: float,
+        clipping: str,
+        publish_losses: bool,
+        encoder: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    ):
         super().__init__(args, accelerator, publish_losses=publish_losses)
         self.clip_norm = clip_norm
         self.clipping = clipping
+        self.encoder = encoder  # distributed noise: the clipped update leaves encoded, with this client's noise share
 
     def release(self, start: Mapping[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         update = {key: trained[key].float() - start[key].float() for key in trained}
-        return clip_update(update, self.clip_norm, self.clipping)
+        clipped = clip_update(update, self.clip_norm, self.clipping)
+        return self.encoder(clipped) if self.encoder is not None else clipped
 
 
 class ExampleLevelRound:

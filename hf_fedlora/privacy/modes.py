@@ -32,8 +32,11 @@ def server_accounts(args: Any) -> ScheduledAccounts | None:
     )
 
 
-def client_round_privacy(args: Any, accelerator: Any, engine: FederatedPrivacy | None, name: str | None, **kwargs):
-    """The object one client's round talks to in this run's privacy mode (see `client_round`)."""
+def client_round_privacy(
+    args: Any, accelerator: Any, engine: FederatedPrivacy | None, name: str | None, encoder=None, **kwargs
+):
+    """The object one client's round talks to in this run's privacy mode (see `client_round`); `encoder`: the
+    client's distributed-noise encoding under the client unit."""
     if not args.private:
         return NonPrivateRound(args, accelerator, publish_losses=True)
     if args.dp_unit == "client":
@@ -43,5 +46,6 @@ def client_round_privacy(args: Any, accelerator: Any, engine: FederatedPrivacy |
             clip_norm=args.dp_clip_norm,
             clipping=args.dp_clipping,
             publish_losses=bool(args.publish_unprotected_statistics),
+            encoder=encoder,
         )
     return ExampleLevelRound(engine, name, args, accelerator, **kwargs)
