@@ -26,6 +26,7 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .methods import registered_config_classes
+from .privacy.client_level import SIMULATED_SECURE_SUM
 
 CARD_NAME = "README.md"
 FEDERATED_RECORD_NAME = "federated_training.json"
@@ -355,7 +356,8 @@ def _distributed_context(privacy: Mapping[str, Any]) -> dict[str, Any] | None:
         "dimension": int(plan["dimension"]),
         "min_shares": int(plan["min_shares"]),
         "max_shares": int(plan["max_shares"]),
-        "simulated": privacy.get("secure_sum") == "simulated in process",
+        "simulated": privacy.get("secure_sum") == SIMULATED_SECURE_SUM,
+        "secure_sum": privacy.get("secure_sum"),
     }
 
 

@@ -30,6 +30,7 @@ from hf_fedlora import FederatedTrainer  # noqa: E402
 from hf_fedlora.federation.adapter_state import adapter_parameters, snapshot  # noqa: E402
 from hf_fedlora.flower import client as client_module  # noqa: E402
 from hf_fedlora.flower.ledger import PrivacyLedger, data_key  # noqa: E402
+from hf_fedlora.flower.secure_sum import SecureSumAborted  # noqa: E402
 from hf_fedlora.flower.server import run_server  # noqa: E402
 from hf_fedlora.flower.task import load_task, training_args_from_run_config  # noqa: E402
 from hf_fedlora.privacy.accountants import epsilon_from_history  # noqa: E402
@@ -194,6 +195,62 @@ def test_flower_run_equals_in_process_trainer(tmp_path, method, dp_unit):
         for name, client in record["privacy"]["clients"].items():
             assert client["history"] == reference["clients"][name]["history"]
     assert (tmp_path / "flower_out" / "README.md").read_text().count(dp_unit) > 0
+
+
+def distributed_run_config(tmp_path: Path, clients: int = 3, **extra) -> dict:
+    """Client-level DP with distributed noise: each client's noise share, summed by secure aggregation; the noise
+    planned for clients - 1 surviving shares."""
+    config = {"num-clients": clients, "dp-noise-placement": "distributed", "min-clients-per-round": clients - 1}
+    return tiny_run_config(tmp_path, "ffa_lora", "client", **{**config, **extra})
+
+
+def in_process_with_failures(run_config: dict, tmp_path: Path, fail: dict[int, int]) -> FederatedTrainer:
+    """The in-process reference (the secure sum simulated) with the same clients failing in the same rounds."""
+    task = load_task(run_config)
+    clients = int(run_config["num-clients"])
+    data = {f"client_{i}": task.load_client_data(i, clients) for i in range(clients)}
+    args = training_args_from_run_config(run_config, str(tmp_path / "in_process"))
+
+    class FailingTrainer(FederatedTrainer):
+        def local_round(self, name, round_index, sub_round, steps):
+            if fail.get(int(name.split("_")[1])) == round_index:
+                raise RuntimeError(f"{name} crashed in round {round_index}")
+            return super().local_round(name, round_index, sub_round, steps)
+
+    trainer = FailingTrainer(task.build_model(), args, train_dataset=data)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("fail", [{}, {1: 0}], ids=["every_client", "a_dropout_within_the_threshold"])
+def test_the_secure_sum_gives_the_in_process_adapter_bit_for_bit(tmp_path, fail):
+    """Distributed noise over Flower: real secure aggregation (keys, Shamir shares, pairwise masks); in process the
+    sum is simulated. With the same secret seed each client's encoded upload and noise share are the same, and the
+    masks cancel exactly, so the two adapters are equal, also when a client drops out after the keys were shared
+    (its masks are then rebuilt from the others' shares)."""
+    run_config = distributed_run_config(tmp_path)
+    grid = LocalGrid(run_config, tmp_path / "ledgers", fail=fail)
+    record = run_server(grid, run_config)
+    trainer = in_process_with_failures(run_config, tmp_path, fail)
+    expected = trainer.global_state()
+    written = saved_adapter(run_config, tmp_path / "flower_out")
+    for key, tensor in expected.items():
+        assert torch.equal(written[key], tensor), key
+    assert any(t.abs().sum() > 0 for k, t in expected.items() if "lora_B" in k), "B never trained: vacuous test"
+    privacy, reference = record["privacy"], trainer.privacy_report()
+    assert privacy["noise_placement"] == "distributed" and privacy["secure_sum"].startswith("secure aggregation")
+    assert privacy["distributed_noise"] == reference["distributed_noise"]
+    assert privacy["epsilon"] == pytest.approx(reference["epsilon"], rel=1e-12) and privacy["epsilon"] <= 8.0
+    assert "client_" not in json.dumps(record)
+    card = (tmp_path / "flower_out" / "README.md").read_text()
+    assert "the server received only masked uploads and their sum" in card and "simulated" not in card
+
+
+def test_the_secure_sum_reveals_nothing_when_more_clients_drop_than_the_plan_allows(tmp_path):
+    run_config = distributed_run_config(tmp_path)
+    with pytest.raises(SecureSumAborted, match=r"round 1.0: secure sum aborted at upload: 1 uploads.*Nothing of this"):
+        run_server(LocalGrid(run_config, tmp_path / "ledgers", fail={0: 1, 1: 1}), run_config)
+    assert not (tmp_path / "flower_out" / "federated_training.json").exists()
 
 
 class RestartingGrid(LocalGrid):
@@ -440,15 +497,22 @@ def write_app(folder: Path, run_config: dict) -> None:
 @pytest.mark.skipif(
     not (Path(sys.executable).parent / "flower-superlink").exists(), reason="flwr's command-line tools are missing"
 )
-@pytest.mark.parametrize("secure", [True, False], ids=["tls_authenticated_supernodes", "insecure_local"])
-def test_loopback_deployment(tmp_path, secure):
+@pytest.mark.parametrize(
+    "secure, secure_sum",
+    [(True, False), (True, True), (False, False)],
+    ids=["tls_authenticated_supernodes", "tls_secure_aggregation", "insecure_local"],
+)
+def test_loopback_deployment(tmp_path, secure, secure_sum):
     """flwr run on a SuperLink and two SuperNodes on 127.0.0.1; checks what the ServerApp wrote and each client's
     epsilon (never the exit code: `flwr run --stream` exits 0 when the ServerApp fails). Secure: TLS with the
     test's own CA, SuperNode authentication with registered node keys, and a third SuperNode whose key was never
-    registered, which the SuperLink must refuse. Insecure: the explicitly local variant."""
+    registered, which the SuperLink must refuse. Secure sum: also client-level DP with distributed noise, the
+    uploads summed by secure aggregation across the two SuperNode processes (keys kept in each SuperNode's
+    context state between messages). Insecure: the explicitly local variant."""
     bin_dir = Path(sys.executable).parent
     out = tmp_path / "out"
-    run_config = tiny_run_config(tmp_path, "ffa_lora", "example", **{"output-dir": str(out), "wait-timeout": 120})
+    unit, extra = ("client", {"dp-noise-placement": "distributed"}) if secure_sum else ("example", {})
+    run_config = tiny_run_config(tmp_path, "ffa_lora", unit, **{"output-dir": str(out), "wait-timeout": 120, **extra})
     del run_config["dp-secret-seed"]  # a real run: the secret streams come from OS entropy
     app_dir = tmp_path / "app"
     write_app(app_dir, run_config)
@@ -568,9 +632,9 @@ def test_loopback_deployment(tmp_path, secure):
             timeout=400,
         )
         elapsed = time.monotonic() - started
-        print(
-            f"loopback deployment ({'TLS, authenticated SuperNodes' if secure else 'insecure'}): {elapsed:.1f} s wall"
-        )
+        mode = "TLS, authenticated SuperNodes" if secure else "insecure"
+        mode += ", secure aggregation with distributed noise" if secure_sum else ""
+        print(f"loopback deployment ({mode}): {elapsed:.1f} s wall")
         if secure:  # the SuperLink refused the unregistered key: the stranger gave up, and never trained
             stranger.wait(timeout=60)
             stranger_log = (tmp_path / "stranger.log").read_text()
@@ -594,9 +658,14 @@ def test_loopback_deployment(tmp_path, secure):
 
     record = json.loads(record_path.read_text())
     assert record["rounds"] == 2 and record["driver"]["name"] == "flower"
-    assert record["privacy"]["unit"] == "example" and record["privacy"]["seeded"] is False
+    assert record["privacy"]["unit"] == unit and record["privacy"]["seeded"] is False
     adapter = saved_adapter(run_config, out)
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+    if secure_sum:
+        privacy = record["privacy"]
+        assert privacy["noise_placement"] == "distributed" and privacy["secure_sum"].startswith("secure aggregation")
+        assert 0 < privacy["epsilon"] <= run_config["dp-target-epsilon"] and privacy["rounds"] == 2
+        return
     task = load_task(run_config)
     for partition in range(NUM_CLIENTS):
         client = record["privacy"]["clients"][f"client_{partition}"]

@@ -11,6 +11,10 @@ Messages (the server's `action` in the config record):
 - query "plan" (example unit): calibrate this client's noise for the run's planned steps, composed with what its
   examples already spent (refused if that would exceed the target);
 - train: one (sub-)round from the global adapter; the reply holds the release and the client's privacy report.
+- query "secagg" (distributed noise): a stage of the secure sum (`secure_sum`): key setup, key shares, unmasking.
+  Its keys live in the node's context state (the SuperNode's memory) between messages, never on disk. A train
+  message that carries a secure-sum request takes its keyed shares before training and returns the encoded
+  upload masked: the server learns only the sum.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from ..privacy.distributed_noise import ENCODED, DistributedNoisePlan
 from ..trainer import FederatedTrainer
 from .ledger import PrivacyLedger, data_key, default_ledger_dir, example_digests, generator_fingerprint
 from .ledger import prior_candidates as ledger_prior_candidates
+from .secure_sum import client_mask, client_receive_shares, client_setup, client_share_keys, client_unmask
 from .task import load_task, training_args_from_run_config
 
 app = ClientApp()
+SECURE_SUM_STATE = "hf_fedlora.secure_sum"  # this node's secure-sum keys, in its context state
+SECURE_SUM_RECORD = "secagg"
+SECURE_SUM_STAGES = {"setup": client_setup, "share": client_share_keys, "unmask": client_unmask}
 
 
 class FlowerClient:
@@ -181,10 +190,42 @@ def query(msg: Message, context: Context) -> Message:
     raise ValueError(f"unknown query action {action!r}; expected discover or plan")
 
 
+@app.query("secagg")
+def secure_sum_stage(msg: Message, context: Context) -> Message:
+    """A key stage of the secure sum: no model, no data."""
+    request = _config(msg)
+    stage = request.pop("stage")
+    if stage not in SECURE_SUM_STAGES:
+        raise ValueError(f"unknown secure-sum stage {stage!r}; expected one of {sorted(SECURE_SUM_STAGES)}")
+    state = _secure_sum_state(context)
+    reply = SECURE_SUM_STAGES[stage](request, state)
+    context.state[SECURE_SUM_STATE] = ConfigRecord(state)
+    return Message(RecordDict({SECURE_SUM_RECORD: ConfigRecord(dict(reply))}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = _config(msg)
     client = FlowerClient(context.run_config, context.node_config)
     state = msg.content["global"].to_torch_state_dict()
+    if SECURE_SUM_RECORD not in msg.content:
+        upload, losses, report = client.train(state, config)
+        return _reply(msg, {"client": client.name, "losses": losses, "privacy": report}, upload)
+    # Distributed noise: the shares of the others' keys first (refused if the session does not match), then the
+    # round, encoded with this client's noise share, then masked for the secure sum.
+    secure = _secure_sum_state(context)
+    client_receive_shares(dict(msg.content[SECURE_SUM_RECORD]), secure)
+    client.trainer.privacy.distributed = DistributedNoisePlan.from_dict(json.loads(config["noise-plan"]))
     upload, losses, report = client.train(state, config)
-    return _reply(msg, {"client": client.name, "losses": losses, "privacy": report}, upload)
+    if upload is None or set(upload) != {ENCODED}:
+        raise RuntimeError(f"client {client.name!r} has no encoded upload for the secure sum")
+    masked = client_mask(upload[ENCODED].numpy(), secure)
+    context.state[SECURE_SUM_STATE] = ConfigRecord(secure)
+    return _reply(
+        msg, {"client": client.name, "losses": losses, "privacy": report}, {"masked": torch.from_numpy(masked)}
+    )
+
+
+def _secure_sum_state(context: Context) -> dict[str, Any]:
+    record = context.state.config_records.get(SECURE_SUM_STATE) if SECURE_SUM_STATE in context.state else None
+    return dict(record) if record is not None else {}

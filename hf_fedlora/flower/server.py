@@ -6,8 +6,13 @@ learns each client's facts from a discover query, and hands the federation a Gri
 min-clients rule, aggregates and keeps the privacy account exactly as in process. At the end it writes the adapter,
 the model card and the federated record, each file with `os.replace`.
 
-Run config keys of its own: `task`, `output-dir`, `num-clients` (SuperNodes to wait for), `round-timeout` and
-`wait-timeout` (seconds). `min-clients-per-round` is the trainer's `min_clients_per_round`, with the same meaning.
+Under distributed noise (`dp-noise-placement = "distributed"`, client unit) each sub-round's encoded uploads are
+summed by secure aggregation (`hf_fedlora.flower.secure_sum`: key agreement, Shamir shares and pairwise masks, in
+three "query.secagg" exchanges around the "train" message), so the federation receives only their sum.
+
+Run config keys of its own: `task`, `output-dir`, `num-clients` (SuperNodes to wait for), `round-timeout`,
+`wait-timeout` and `secure-sum-timeout` (seconds). `min-clients-per-round` is the trainer's
+`min_clients_per_round`, with the same meaning (and under distributed noise the fewest shares a sum may hold).
 """
 
 from __future__ import annotations
@@ -32,23 +37,35 @@ from ..federation.adapter_state import adapter_parameters, load_into, snapshot
 from ..hub import FEDERATED_RECORD_NAME, model_record, save_model_card
 from ..methods import FedLoraConfig
 from ..privacy.client_level import ClientLevelPrivacy
+from ..privacy.distributed_noise import SHARES, SUMMED, DistributedNoisePlan
 from ..privacy.modes import privacy_from_args, server_accounts
 from ..server import ClientFacts, ClientFailure, ClientRelease, Federation, PlanRequest
+from .secure_sum import SecureSumAborted, SecureSumConfig, SecureSumSession, default_threshold, run_secure_sum
 from .task import load_task, training_args_from_run_config
 
 logger = logging.get_logger(__name__)
 app = ServerApp()
 POLL_SECONDS = 1.0
+SECURE_SUM = "secure sum"  # the name the secure sum's result is released under
+SECURE_SUM_RECORD = "secagg"  # the record of a message that carries a secure-sum stage
+SECURE_SUM_DESCRIPTION = (
+    "secure aggregation across the SuperNodes (Bonawitz et al., 2017: pairwise masks from key agreement, Shamir-"
+    "shared keys for dropouts): the server received only masked uploads and their sum"
+)
 
 
 class GridClients:
     """The federation's client runner over a Flower Grid: who is connected, the plan, and the rounds."""
 
-    def __init__(self, grid: Grid, num_clients: int, round_timeout: float, wait_timeout: float):
+    def __init__(
+        self, grid: Grid, num_clients: int, round_timeout: float, wait_timeout: float, secure_sum_timeout: float = 120
+    ):
         self.grid = grid
         self.num_clients = num_clients
         self.round_timeout = round_timeout
         self.wait_timeout = wait_timeout
+        self.secure_sum_timeout = secure_sum_timeout
+        self.noise_plan: DistributedNoisePlan | None = None  # set under distributed noise: uploads are summed securely
         self.plan_id = secrets.token_hex(8)  # which plan a client's ledger is on; a new run is a new plan
         self.nodes: dict[str, int] = {}  # client name -> current node id (a restarted SuperNode gets a new one)
         self.facts: dict[str, dict[str, Any]] = {}  # client name -> what it said of itself
@@ -85,6 +102,9 @@ class GridClients:
             for name in names
         }
         arrays = ArrayRecord({key: tensor for key, tensor in global_state.items()})
+        if self.noise_plan is not None:
+            yield from self._secure_round(names, configs, arrays, group=f"{round_index}.{sub_round}")
+            return
         answers, failed = self._send("train", configs, group=f"{round_index}.{sub_round}", arrays=arrays)
         for name in names:
             if name in failed:
@@ -95,11 +115,69 @@ class GridClients:
             privacy = {**report["client"], "seeded": report.get("seeded")} if report else None
             yield name, ClientRelease(upload, list(content["losses"]), privacy)
 
+    def _secure_round(
+        self, names: Sequence[str], configs: Mapping[str, dict[str, Any]], arrays: ArrayRecord, group: str
+    ) -> Iterator[tuple[str, ClientRelease | ClientFailure]]:
+        """One (sub-)round under distributed noise: the encoded uploads reach the federation only as their secure
+        sum (released under the name SECURE_SUM); each client's own release carries its losses and no upload. Too
+        few clients at any stage raises `SecureSumAborted` before anything is revealed."""
+        plan = self.noise_plan
+        present = [name for name in names if name in self.nodes]
+        config = SecureSumConfig(
+            bits=plan.bits,
+            threshold=default_threshold(len(present), plan.min_shares),
+            min_contributors=plan.min_shares,
+            stage_timeout=self.secure_sum_timeout,
+        )
+        replies: dict[str, dict[str, Any]] = {}
+
+        def exchange(stage: str, requests: Mapping[str, Mapping[str, Any]], timeout: float):
+            configs = {name: {"stage": stage, **request} for name, request in requests.items()}
+            answers, _ = self._send("query.secagg", configs, group=f"{group}.{stage}", timeout=timeout, secure=True)
+            return {name: content for name, (content, _) in answers.items()}
+
+        def upload(stage: str, requests: Mapping[str, Mapping[str, Any]], timeout: float):
+            noise_plan = json.dumps(plan.to_dict())
+            train = {name: {**configs[name], "noise-plan": noise_plan} for name in requests}
+            answers, _ = self._send("train", train, group=group, arrays=arrays, timeout=timeout, stages=requests)
+            replies.update({name: content for name, (content, _) in answers.items()})
+            return {name: upload["masked"].numpy() for name, (_, upload) in answers.items() if upload}
+
+        try:
+            session = SecureSumSession(present, plan.dimension, config)
+            result = run_secure_sum(session, exchange, upload, upload_timeout=self.round_timeout)
+        except SecureSumAborted as error:
+            raise SecureSumAborted(
+                f"(sub-)round {group}: {error}. Nothing of this round was released; its privacy stays accounted.",
+                error.stage,
+                error.dropped,
+            ) from error
+        for name in names:
+            if name in result.contributors:
+                content = replies[name]
+                yield name, ClientRelease(None, list(content["losses"]), None)
+            else:
+                stage = result.dropped.get(name, "connection")
+                yield name, ClientFailure(f"{name}: left the secure sum at its {stage} stage")
+        total = torch.from_numpy(result.total.astype("int64"))
+        yield SECURE_SUM, ClientRelease({SUMMED: total, SHARES: torch.tensor(len(result.contributors))}, [], None)
+
     # --- talking to the nodes -----------------------------------------------------------
     def _send(
-        self, kind: str, configs: Mapping[str, Mapping[str, Any]], group: str, arrays: ArrayRecord | None = None
+        self,
+        kind: str,
+        configs: Mapping[str, Mapping[str, Any]],
+        group: str,
+        arrays: ArrayRecord | None = None,
+        timeout: float | None = None,
+        secure: bool = False,
+        stages: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> tuple[dict[str, tuple[dict[str, Any], dict[str, torch.Tensor] | None]], dict[str, str]]:
-        """Send each named client its message; ({name: (reply content, upload)}, {name: why it failed})."""
+        """Send each named client its message; ({name: (reply content, upload)}, {name: why it failed}).
+        `secure`: a secure-sum stage, whose request and reply are plain records (bytes included); `stages`: each
+        client's secure-sum request riding on its train message. Every message expires with its timeout, so a late
+        node never runs a stale round."""
+        timeout = self.round_timeout if timeout is None else timeout
         failed = {name: f"{name}: no SuperNode connected" for name in configs if name not in self.nodes}
         messages, sent = [], {}
         for name, config in configs.items():
@@ -108,22 +186,28 @@ class GridClients:
             content = RecordDict({"config": ConfigRecord(dict(config))})
             if arrays is not None:
                 content["global"] = arrays
-            messages.append(Message(content, dst_node_id=self.nodes[name], message_type=kind, group_id=group))
-            sent[self.nodes[name]] = name
+            if stages is not None:
+                content[SECURE_SUM_RECORD] = ConfigRecord(dict(stages[name]))
+            node = self.nodes[name]
+            messages.append(Message(content, dst_node_id=node, message_type=kind, group_id=group, ttl=timeout))
+            sent[node] = name
         answers = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout) if messages else []:
+        for reply in self.grid.send_and_receive(messages, timeout=timeout) if messages else []:
             name = sent.get(reply.metadata.src_node_id)
             if name is None:
                 continue
             if reply.has_error():
                 failed[name] = f"{name}: {reply.error.reason}"
                 continue
+            if secure:
+                answers[name] = (dict(reply.content[SECURE_SUM_RECORD]), None)
+                continue
             content = json.loads(reply.content["info"]["json"])
             upload = reply.content["upload"].to_torch_state_dict() if "upload" in reply.content else None
             answers[name] = (content, upload)
         for name in sent.values():
             if name not in answers and name not in failed:
-                failed[name] = f"{name}: no reply within round-timeout={self.round_timeout}s"
+                failed[name] = f"{name}: no reply within {timeout}s"
         return answers, failed
 
     def wait_for(self, names: Sequence[str] | None) -> None:
@@ -198,6 +282,7 @@ class FlowerServer:
             int(self.run_config["num-clients"]),
             float(self.run_config.get("round-timeout", 600)),
             float(self.run_config.get("wait-timeout", 120)),
+            float(self.run_config.get("secure-sum-timeout", 120)),
         )
         self.federation: Federation | None = None
 
@@ -221,6 +306,9 @@ class FlowerServer:
             accounts=server_accounts(args),
         )
         self.federation.plan(args.num_rounds)
+        if isinstance(privacy, ClientLevelPrivacy) and privacy.distributed is not None:
+            self.clients.noise_plan = privacy.distributed
+            privacy.secure_sum = SECURE_SUM_DESCRIPTION
         if not self.federation.private:
             logger.warning("Non-private run: no differential-privacy guarantee (set dp_target_epsilon for one).")
         for round_index in range(args.num_rounds):

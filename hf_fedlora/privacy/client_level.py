@@ -30,7 +30,15 @@ import torch
 
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_noise_multiplier
-from .distributed_noise import ENCODED, DistributedNoisePlan, decode, plan_distributed_noise, rotation_signs
+from .distributed_noise import (
+    ENCODED,
+    SHARES,
+    SUMMED,
+    DistributedNoisePlan,
+    decode,
+    plan_distributed_noise,
+    rotation_signs,
+)
 from .dp_optimizer import CLIPPINGS
 from .mechanism import DPMechanism, derived_seed, mechanism_arguments
 from .noise import draw_noise
@@ -39,6 +47,7 @@ from .state import decode_generator_state, encode_generator_state, merged_histor
 ADD_OR_REMOVE_ONE, REPLACE_ONE = "add_or_remove_one", "replace_one"
 NEIGHBOURING_RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
 CENTRAL, DISTRIBUTED = "central", "distributed"
+SIMULATED_SECURE_SUM = "simulated in process"
 NOISE_PLACEMENTS = (CENTRAL, DISTRIBUTED)
 AGGREGATOR, NOISE_STREAM, PARTICIPATION_STREAM = 0, 3, 4  # the aggregator's own streams
 
@@ -114,6 +123,7 @@ class ClientLevelPrivacy(DPMechanism):
         self.noise_placement = noise_placement
         self.secure_sum_bits = secure_sum_bits
         self.distributed: DistributedNoisePlan | None = None  # set by plan() under distributed noise
+        self.secure_sum = SIMULATED_SECURE_SUM  # how the uploads are summed under distributed noise (the driver's)
         root = self._secret_root
         self._noise_generator = torch.Generator().manual_seed(derived_seed(root, AGGREGATOR, NOISE_STREAM))
         self._participation_generator = torch.Generator().manual_seed(
@@ -335,7 +345,7 @@ class ClientLevelPrivacy(DPMechanism):
             "noise_placement": DISTRIBUTED,
             "accountant": "rdp_distributed_discrete_gaussian",
             "distributed_noise": self.distributed.to_dict(),
-            "secure_sum": "simulated in process",
+            "secure_sum": self.secure_sum,
         }
 
     # --- secret state (the secret store, never beside artefacts) ----------------------------------
@@ -419,16 +429,25 @@ class DistributedSum:
 
     @torch.no_grad()
     def add(self, upload: Mapping[str, torch.Tensor]) -> None:
+        """One client's encoded upload (the secure sum simulated in process), or a secure sum's result."""
+        if set(upload) == {SUMMED, SHARES}:
+            self._add_encoded(upload[SUMMED], int(upload[SHARES]))
+            return
         encoded = upload.get(ENCODED) if set(upload) == {ENCODED} else None
         if encoded is None or encoded.shape != (self.plan.dimension,) or encoded.dtype != torch.int64:
             raise ValueError(
                 f"under distributed noise an upload is one int64 tensor {ENCODED!r} of {self.plan.dimension} numbers; "
                 f"got {sorted(upload)[:3]}"
             )
+        self._add_encoded(encoded, 1)
+
+    def _add_encoded(self, encoded: torch.Tensor, shares: int) -> None:
+        if encoded.shape != (self.plan.dimension,) or encoded.dtype != torch.int64:
+            raise ValueError(f"a secure sum must be one int64 tensor of {self.plan.dimension} numbers")
         if bool((encoded < 0).any() or (encoded >= self.plan.modulus).any()):
             raise ValueError(f"an encoded upload holds numbers outside [0, 2^{self.plan.bits})")
         self._sum = torch.remainder(self._sum + encoded, self.plan.modulus)
-        self.shares += 1
+        self.shares += shares
 
     @torch.no_grad()
     def release(self, global_state: Mapping[str, torch.Tensor], regulate: bool) -> dict[str, torch.Tensor]:
