@@ -398,6 +398,7 @@ def _federation_context(record: Mapping[str, Any]) -> dict[str, Any]:
         "batch_size": record.get("batch_size"),
         "learning_rate": _number(record.get("learning_rate")),
         "aggregation_weights": weights_text,
+        "secure_aggregation": record.get("secure_aggregation"),
         "partition_scheme": scheme,
         "partition_params": ", ".join(f"{k} = {json.dumps(v)}" for k, v in partition.items()),
         "labels": labels,

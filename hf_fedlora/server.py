@@ -25,8 +25,9 @@ import torch
 from transformers.utils import logging
 
 from .federation.adapter_state import parameters_of
+from .federation.secure_mean import SecureMeanEncoding, SecureMeanSum
 from .methods.base import FederatedMethod
-from .privacy.client_level import ClientLevelPrivacy
+from .privacy.client_level import SIMULATED_SECURE_SUM, ClientLevelPrivacy
 from .privacy.scheduled import ScheduledAccounts
 
 logger = logging.get_logger(__name__)
@@ -53,6 +54,17 @@ class ClientFailure:
 
 
 @dataclass
+class SecureSumRelease:
+    """A secure sum's result (a transport that sums the encoded uploads securely yields it once per sub-round,
+    after the clients' own releases, which then carry no upload): {SUMMED: the modular sum, SHARES: how many}."""
+
+    upload: dict[str, torch.Tensor]
+
+
+SECURE_SUM = "secure sum"  # the name a SecureSumRelease is yielded under
+
+
+@dataclass
 class PlanRequest:
     planned_steps: int
     batch_size: int
@@ -70,7 +82,8 @@ class ClientRunner(Protocol):
         steps: Mapping[str, int],
         global_state: Mapping[str, torch.Tensor],
         progress: bool,
-    ) -> Iterator[tuple[str, ClientRelease | ClientFailure]]: ...
+        secure_mean: SecureMeanEncoding | None = None,
+    ) -> Iterator[tuple[str, ClientRelease | ClientFailure | SecureSumRelease]]: ...
 
 
 class Federation:
@@ -101,6 +114,7 @@ class Federation:
         self.failed: dict[int, list[str]] = {}
         self.round_history: list[dict[str, Any]] = []
         self._participation_rng = np.random.default_rng(args.seed)
+        self.secure_sum = SIMULATED_SECURE_SUM  # how a secure sum runs: the transport says (Flower: SecAgg)
 
     @property
     def secret_participation(self) -> bool:
@@ -208,8 +222,22 @@ class Federation:
         if self.accounts is not None:
             for name in active:  # counted when sent: a client that fails half-way has spent them
                 self.accounts.schedule(name, steps[name])
+        secure_mean = None
         if self.client_level is not None:
             aggregate = self.client_level.aggregator(keys, round_index, sub_round, self.args.seed)
+            streaming, uploads, weights = None, None, None
+        elif self.args.secure_aggregation:
+            secure_mean = SecureMeanEncoding.plan(
+                self.global_state,
+                keys,
+                {name: self._weight(name) for name in active},
+                bits=self.args.dp_secure_sum_bits,
+                clip_range=self.args.secure_aggregation_range,
+                public_seed=self.args.seed,
+                round_index=round_index,
+                sub_round=sub_round,
+            )
+            aggregate = SecureMeanSum(secure_mean)
             streaming, uploads, weights = None, None, None
         else:
             aggregate = None
@@ -217,8 +245,13 @@ class Federation:
             uploads, weights = [], []
         failed: dict[str, str] = {}
         progress = not self.secret_participation and not self.args.disable_tqdm
-        releases = self.runner.run(active, round_index, sub_round, steps, self.global_state, progress)
+        releases = self.runner.run(
+            active, round_index, sub_round, steps, self.global_state, progress, secure_mean=secure_mean
+        )
         for name, release in releases:
+            if isinstance(release, SecureSumRelease):
+                aggregate.add(release.upload)
+                continue
             if isinstance(release, ClientFailure):
                 failed[name] = release.reason
                 if self.accounts is not None:
@@ -238,6 +271,8 @@ class Federation:
                 uploads.append(release.upload)
                 weights.append(self._weight(name))
         self._check_enough_clients(round_index, participants, active, failed)
+        if isinstance(aggregate, SecureMeanSum) and not aggregate.count:
+            return list(failed)  # nobody's upload arrived: nothing to average
         if aggregate is not None:
             self.global_state.update(aggregate.release(self.global_state, self.method.regulates_noise()))
         elif streaming is not None and streaming.count:
@@ -318,6 +353,12 @@ class Federation:
             )
         if publish or not self.secret_participation:  # under client-level DP not even the key
             record["client_label_histograms"] = dict(label_histograms or {}) if publish else {}
+        if args.secure_aggregation:
+            record["secure_aggregation"] = {
+                "sum": self.secure_sum,
+                "clip_range": args.secure_aggregation_range,
+                "bits": args.dp_secure_sum_bits,
+            }
         record.update(
             unprotected_statistics_published=self.private and publish,
             hyperparameter_selection=args.hyperparameter_selection,

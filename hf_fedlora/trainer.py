@@ -35,6 +35,7 @@ from transformers.utils import logging
 from .atomic_json import write_json_atomically
 from .federation.adapter_state import adapter_parameters, factor_of, load_into, parameters_of, snapshot
 from .federation.clients import check_data, clients_from, label_histograms, partition_seed
+from .federation.secure_mean import SecureMeanEncoding
 from .hub import CARD_NAME, FEDERATED_RECORD_NAME, model_record, save_model_card, upload_files
 from .lr_schedule import learning_rate_factor
 from .methods import FedLoraConfig
@@ -770,7 +771,10 @@ class InProcessClients:
         steps: Mapping[str, int],
         global_state: Mapping[str, torch.Tensor],
         progress: bool,
+        secure_mean: SecureMeanEncoding | None = None,
     ) -> Iterator[tuple[str, ClientRelease | ClientFailure]]:
+        """Each client's round in turn. Under secure aggregation each upload leaves encoded for the secure sum
+        (simulated here: the server adds the encodings, as a secure sum reveals their sum)."""
         trainer = self.trainer
         bar = tqdm(names, desc=f"round {round_index + 1}", leave=False, disable=not progress)
         for name in bar:
@@ -782,6 +786,8 @@ class InProcessClients:
                 yield name, ClientFailure(repr(error))
                 continue
             report = trainer.privacy.client_report(name) if trainer._per_example_dp else None
+            if secure_mean is not None and upload is not None:
+                upload = secure_mean.encode(name, trainer.client_indices[name], upload, global_state)
             yield name, ClientRelease(upload, losses, report)
 
 

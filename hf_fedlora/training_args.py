@@ -150,6 +150,24 @@ class FederatedTrainingArguments(TrainingArguments):
             "accounted; every client takes part in every round."
         },
     )
+    secure_aggregation: bool = field(
+        default=False,
+        metadata={
+            "help": "Average the uploads through a secure sum, so the server learns their weighted mean and nothing "
+            "of any one upload (hf_fedlora.federation.secure_mean): each client sends its update (upload minus the "
+            "global adapter), every coordinate clipped to +-secure_aggregation_range, weighted and rounded to a "
+            "grid, modulo 2^dp_secure_sum_bits. For the example unit and non-private runs; under dp_unit='client' "
+            "use dp_noise_placement='distributed'. Under Flower the sum is SecAgg across the SuperNodes; in "
+            "process it is simulated (the same arithmetic, without masks)."
+        },
+    )
+    secure_aggregation_range: float = field(
+        default=1.0,
+        metadata={
+            "help": "Under secure_aggregation, the clipping range c of each coordinate of a client's round update "
+            "(public; choose it above the largest change one round can make)."
+        },
+    )
     dp_noise_placement: str = field(
         default="central",
         metadata={
@@ -367,6 +385,17 @@ class FederatedTrainingArguments(TrainingArguments):
         _require_int(self.dp_secure_sum_bits, "dp_secure_sum_bits", minimum=8)
         if self.dp_secure_sum_bits > 48:
             raise ValueError(f"dp_secure_sum_bits must be at most 48, got {self.dp_secure_sum_bits}")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ValueError(f"secure_aggregation must be True or False, got {self.secure_aggregation!r}")
+        _require_finite_number(self.secure_aggregation_range, "secure_aggregation_range")
+        if not self.secure_aggregation_range > 0:
+            raise ValueError(f"secure_aggregation_range must be > 0, got {self.secure_aggregation_range}")
+        if self.secure_aggregation and self.private and self.dp_unit == "client":
+            raise ValueError(
+                "secure_aggregation under dp_unit='client' would hide the updates the aggregator must clip before "
+                "adding its noise: use dp_noise_placement='distributed' (the clients add the noise, and the sum is "
+                "secure)."
+            )
         if self.private and self.dp_noise_placement == "distributed":
             if self.dp_unit != "client":
                 raise ValueError(

@@ -246,6 +246,24 @@ def test_the_secure_sum_gives_the_in_process_adapter_bit_for_bit(tmp_path, fail)
     assert "the server received only masked uploads and their sum" in card and "simulated" not in card
 
 
+@pytest.mark.parametrize("fail", [{}, {2: 1}], ids=["every_client", "a_dropout_within_the_threshold"])
+def test_secure_aggregation_of_dp_sgd_uploads_gives_the_in_process_adapter_and_epsilons(tmp_path, fail):
+    """Example-level DP with the weighted mean taken by SecAgg: the same adapter as in process (where the sum is
+    simulated) bit for bit, and the same per-client epsilons; a client failing after the keys were shared is left
+    out of the mean (its masks rebuilt)."""
+    extra = {"num-clients": 3, "secure-aggregation": True, "min-clients-per-round": 2}
+    run_config = tiny_run_config(tmp_path, "ffa_lora", "example", **extra)
+    record = run_server(LocalGrid(run_config, tmp_path / "ledgers", fail=fail), run_config)
+    trainer = in_process_with_failures(run_config, tmp_path, fail)
+    expected = trainer.global_state()
+    written = saved_adapter(run_config, tmp_path / "flower_out")
+    for key, tensor in expected.items():
+        assert torch.equal(written[key], tensor), key
+    assert client_epsilons(record) == pytest.approx(client_epsilons({"privacy": trainer.privacy_report()}), rel=1e-12)
+    assert record["secure_aggregation"]["sum"].startswith("secure aggregation across the SuperNodes")
+    assert record["failed_clients"] == ({"2": ["client_2"]} if fail else {})
+
+
 def test_the_secure_sum_reveals_nothing_when_more_clients_drop_than_the_plan_allows(tmp_path):
     run_config = distributed_run_config(tmp_path)
     with pytest.raises(SecureSumAborted, match=r"round 1.0: secure sum aborted at upload: 1 uploads.*Nothing of this"):

@@ -13,8 +13,9 @@ Messages (the server's `action` in the config record):
 - train: one (sub-)round from the global adapter; the reply holds the release and the client's privacy report.
 - query "secagg" (distributed noise): a stage of the secure sum (`secure_sum`): key setup, key shares, unmasking.
   Its keys live in the node's context state (the SuperNode's memory) between messages, never on disk. A train
-  message that carries a secure-sum request takes its keyed shares before training and returns the encoded
-  upload masked: the server learns only the sum.
+  message that carries a secure-sum request takes its keyed shares before training and returns its upload
+  encoded (distributed noise: with its noise share; secure aggregation: its weighted update) and masked: the
+  server learns only the sum.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..privacy.distributed_noise import ENCODED, DistributedNoisePlan
+from ..federation.secure_mean import ENCODED, SecureMeanEncoding
+from ..privacy.distributed_noise import DistributedNoisePlan
 from ..trainer import FederatedTrainer
 from .ledger import PrivacyLedger, data_key, default_ledger_dir, example_digests, generator_fingerprint
 from .ledger import prior_candidates as ledger_prior_candidates
@@ -215,8 +217,12 @@ def train(msg: Message, context: Context) -> Message:
     # round, encoded with this client's noise share, then masked for the secure sum.
     secure = _secure_sum_state(context)
     client_receive_shares(dict(msg.content[SECURE_SUM_RECORD]), secure)
-    client.trainer.privacy.distributed = DistributedNoisePlan.from_dict(json.loads(config["noise-plan"]))
+    if "noise-plan" in config:  # distributed noise: the trainer encodes the clipped update with its noise share
+        client.trainer.privacy.distributed = DistributedNoisePlan.from_dict(json.loads(config["noise-plan"]))
     upload, losses, report = client.train(state, config)
+    if "secure-mean" in config and upload is not None:  # secure aggregation of the weighted mean
+        encoding = SecureMeanEncoding.from_dict(json.loads(config["secure-mean"]))
+        upload = encoding.encode(client.name, client.partition_id, upload, state)
     if upload is None or set(upload) != {ENCODED}:
         raise RuntimeError(f"client {client.name!r} has no encoded upload for the secure sum")
     masked = client_mask(upload[ENCODED].numpy(), secure)

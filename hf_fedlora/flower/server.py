@@ -34,19 +34,19 @@ from peft.utils import CONFIG_NAME as ADAPTER_CONFIG_NAME
 from transformers.utils import logging
 
 from ..federation.adapter_state import adapter_parameters, load_into, snapshot
+from ..federation.secure_mean import SHARES, SUMMED, SecureMeanEncoding
 from ..hub import FEDERATED_RECORD_NAME, model_record, save_model_card
 from ..methods import FedLoraConfig
 from ..privacy.client_level import ClientLevelPrivacy
-from ..privacy.distributed_noise import SHARES, SUMMED, DistributedNoisePlan
+from ..privacy.distributed_noise import DistributedNoisePlan
 from ..privacy.modes import privacy_from_args, server_accounts
-from ..server import ClientFacts, ClientFailure, ClientRelease, Federation, PlanRequest
+from ..server import SECURE_SUM, ClientFacts, ClientFailure, ClientRelease, Federation, PlanRequest, SecureSumRelease
 from .secure_sum import SecureSumAborted, SecureSumConfig, SecureSumSession, default_threshold, run_secure_sum
 from .task import load_task, training_args_from_run_config
 
 logger = logging.get_logger(__name__)
 app = ServerApp()
 POLL_SECONDS = 1.0
-SECURE_SUM = "secure sum"  # the name the secure sum's result is released under
 SECURE_SUM_RECORD = "secagg"  # the record of a message that carries a secure-sum stage
 SECURE_SUM_DESCRIPTION = (
     "secure aggregation across the SuperNodes (Bonawitz et al., 2017: pairwise masks from key agreement, Shamir-"
@@ -66,6 +66,7 @@ class GridClients:
         self.wait_timeout = wait_timeout
         self.secure_sum_timeout = secure_sum_timeout
         self.noise_plan: DistributedNoisePlan | None = None  # set under distributed noise: uploads are summed securely
+        self.min_clients: int | None = None  # min_clients_per_round: the fewest uploads a secure mean may hold
         self.plan_id = secrets.token_hex(8)  # which plan a client's ledger is on; a new run is a new plan
         self.nodes: dict[str, int] = {}  # client name -> current node id (a restarted SuperNode gets a new one)
         self.facts: dict[str, dict[str, Any]] = {}  # client name -> what it said of itself
@@ -94,16 +95,30 @@ class GridClients:
         steps: Mapping[str, int],
         global_state: Mapping[str, torch.Tensor],
         progress: bool,
-    ) -> Iterator[tuple[str, ClientRelease | ClientFailure]]:
-        """Every named client's round at once; replies in the given order (the same sums as in process)."""
+        secure_mean: SecureMeanEncoding | None = None,
+    ) -> Iterator[tuple[str, ClientRelease | ClientFailure | SecureSumRelease]]:
+        """Every named client's round at once; replies in the given order (the same sums as in process). Under
+        distributed noise or secure aggregation the uploads arrive only as their secure sum."""
         self.wait_for(list(names))
         configs = {
             name: {"round": round_index, "sub-round": sub_round, "steps": int(steps[name]), "plan-id": self.plan_id}
             for name in names
         }
         arrays = ArrayRecord({key: tensor for key, tensor in global_state.items()})
+        group = f"{round_index}.{sub_round}"
         if self.noise_plan is not None:
-            yield from self._secure_round(names, configs, arrays, group=f"{round_index}.{sub_round}")
+            plan = self.noise_plan
+            extra = {"noise-plan": json.dumps(plan.to_dict())}
+            yield from self._secure_round(
+                names, configs, arrays, group, plan.dimension, plan.bits, plan.min_shares, extra
+            )
+            return
+        if secure_mean is not None:
+            minimum = len(names) if self.min_clients is None else min(self.min_clients, len(names))
+            extra = {"secure-mean": json.dumps(secure_mean.to_dict())}
+            yield from self._secure_round(
+                names, configs, arrays, group, secure_mean.size, secure_mean.bits, minimum, extra
+            )
             return
         answers, failed = self._send("train", configs, group=f"{round_index}.{sub_round}", arrays=arrays)
         for name in names:
@@ -111,22 +126,28 @@ class GridClients:
                 yield name, ClientFailure(failed[name])
                 continue
             content, upload = answers[name]
-            report = content.get("privacy")
-            privacy = {**report["client"], "seeded": report.get("seeded")} if report else None
-            yield name, ClientRelease(upload, list(content["losses"]), privacy)
+            yield name, ClientRelease(upload, list(content["losses"]), _privacy_of(content))
 
     def _secure_round(
-        self, names: Sequence[str], configs: Mapping[str, dict[str, Any]], arrays: ArrayRecord, group: str
-    ) -> Iterator[tuple[str, ClientRelease | ClientFailure]]:
-        """One (sub-)round under distributed noise: the encoded uploads reach the federation only as their secure
-        sum (released under the name SECURE_SUM); each client's own release carries its losses and no upload. Too
-        few clients at any stage raises `SecureSumAborted` before anything is revealed."""
-        plan = self.noise_plan
+        self,
+        names: Sequence[str],
+        configs: Mapping[str, dict[str, Any]],
+        arrays: ArrayRecord,
+        group: str,
+        size: int,
+        bits: int,
+        min_contributors: int,
+        extra: Mapping[str, Any],
+    ) -> Iterator[tuple[str, ClientRelease | ClientFailure | SecureSumRelease]]:
+        """One (sub-)round whose encoded uploads (`size` residues modulo 2^bits; the encoding is named in `extra`,
+        which rides on the train message) reach the federation only as their secure sum, a SecureSumRelease;
+        each client's own release carries its losses and privacy report and no upload. Fewer than
+        `min_contributors` (or the threshold) at any stage raise `SecureSumAborted` before anything is revealed."""
         present = [name for name in names if name in self.nodes]
         config = SecureSumConfig(
-            bits=plan.bits,
-            threshold=default_threshold(len(present), plan.min_shares),
-            min_contributors=plan.min_shares,
+            bits=bits,
+            threshold=default_threshold(len(present), min_contributors),
+            min_contributors=min_contributors,
             stage_timeout=self.secure_sum_timeout,
         )
         replies: dict[str, dict[str, Any]] = {}
@@ -137,14 +158,13 @@ class GridClients:
             return {name: content for name, (content, _) in answers.items()}
 
         def upload(stage: str, requests: Mapping[str, Mapping[str, Any]], timeout: float):
-            noise_plan = json.dumps(plan.to_dict())
-            train = {name: {**configs[name], "noise-plan": noise_plan} for name in requests}
+            train = {name: {**configs[name], **extra} for name in requests}
             answers, _ = self._send("train", train, group=group, arrays=arrays, timeout=timeout, stages=requests)
             replies.update({name: content for name, (content, _) in answers.items()})
             return {name: upload["masked"].numpy() for name, (_, upload) in answers.items() if upload}
 
         try:
-            session = SecureSumSession(present, plan.dimension, config)
+            session = SecureSumSession(present, size, config)
             result = run_secure_sum(session, exchange, upload, upload_timeout=self.round_timeout)
         except SecureSumAborted as error:
             raise SecureSumAborted(
@@ -155,12 +175,12 @@ class GridClients:
         for name in names:
             if name in result.contributors:
                 content = replies[name]
-                yield name, ClientRelease(None, list(content["losses"]), None)
+                yield name, ClientRelease(None, list(content["losses"]), _privacy_of(content))
             else:
                 stage = result.dropped.get(name, "connection")
                 yield name, ClientFailure(f"{name}: left the secure sum at its {stage} stage")
         total = torch.from_numpy(result.total.astype("int64"))
-        yield SECURE_SUM, ClientRelease({SUMMED: total, SHARES: torch.tensor(len(result.contributors))}, [], None)
+        yield SECURE_SUM, SecureSumRelease({SUMMED: total, SHARES: torch.tensor(len(result.contributors))})
 
     # --- talking to the nodes -----------------------------------------------------------
     def _send(
@@ -252,6 +272,12 @@ class GridClients:
             self.facts[info["client"]] = info
 
 
+def _privacy_of(content: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A client's privacy report from its train reply (example unit), as the federation checks it."""
+    report = content.get("privacy")
+    return {**report["client"], "seeded": report.get("seeded")} if report else None
+
+
 class FlowerServer:
     """The server side of one run: the model, the Grid transport, the Federation, and the saved result."""
 
@@ -306,6 +332,8 @@ class FlowerServer:
             accounts=server_accounts(args),
         )
         self.federation.plan(args.num_rounds)
+        self.clients.min_clients = args.min_clients_per_round
+        self.federation.secure_sum = SECURE_SUM_DESCRIPTION
         if isinstance(privacy, ClientLevelPrivacy) and privacy.distributed is not None:
             self.clients.noise_plan = privacy.distributed
             privacy.secure_sum = SECURE_SUM_DESCRIPTION

@@ -28,12 +28,10 @@ from typing import Any
 
 import torch
 
+from ..federation.secure_mean import ENCODED, SHARES, SUMMED
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_noise_multiplier
 from .distributed_noise import (
-    ENCODED,
-    SHARES,
-    SUMMED,
     DistributedNoisePlan,
     decode,
     plan_distributed_noise,

@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..federation.secure_mean import ENCODED
 from .calibration import smallest_noise_multiplier
 from .mechanism import derived_seed
 
-ENCODED = "secure_sum.encoded"  # the one tensor a client uploads under distributed noise
-SUMMED, SHARES = "secure_sum.total", "secure_sum.shares"  # a secure sum's result: the modular sum, how many added
 RDP_ORDERS = tuple(np.concatenate([np.linspace(1.05, 10.95, 100), np.arange(11, 257, dtype=float)]))
 BETA = math.exp(-0.5)  # conditional rounding: each try fails the norm bound with probability at most beta
 K_STDDEVS = 4.0  # the modulus holds this many standard deviations of a coordinate of the noisy sum
