@@ -1016,8 +1016,21 @@ def _state_client_level(report: VerificationReport, record: Mapping[str, Any], p
         f"clipped, the noise added once to the sum, divided by a fixed expected count){shown}.",
         "The released adapter weights and everything published with them (this record and card).",
     ]
+    if privacy.get("noise_placement") == "distributed":
+        report.covers[0] += (
+            " Distributed noise: each client added its share of discrete Gaussian noise before a secure sum; the "
+            "independent figure is the Gaussian mechanism's at the recorded sigma, a lower bound, and the record's "
+            "epsilon adds the rounding and the discrete sum (docs/algorithms.md#distributed-noise)."
+        )
+        trust = "The clients: each was trusted to clip its update and add its noise share" + (
+            "; the secure sum was simulated in one process, which saw every encoded upload."
+            if privacy.get("secure_sum") == "simulated in process"
+            else "; the aggregator saw only masked uploads and their sum (honest-but-curious)."
+        )
+    else:
+        trust = "The aggregator: it saw the clipped updates before the noise (central DP)."
     report.not_covered = [
-        "The aggregator: it saw the clipped updates before the noise (central DP).",
+        trust,
         "Evaluation data: any evaluation metrics were computed on held-out data without noise.",
         _GROUP_PRIVACY["client"],
         "The base model and its pretraining data.",

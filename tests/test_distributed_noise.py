@@ -324,7 +324,11 @@ def test_a_run_with_distributed_noise_states_its_plan_the_trust_and_an_epsilon_d
     assert "distributed noise (Kairouz, Liu and Steinke, 2021)" in card
     assert "the aggregator learns only the noised sum" in card and "(3 of 4)" in card
     assert "simulated in one process" in card
-    assert verify_adapter(str(tmp_path / "adapter")).problems == []
+    verified = verify_adapter(str(tmp_path / "adapter"))
+    assert verified.problems == []
+    assert verified.independent["federation"] <= privacy["epsilon"]  # the Gaussian at sigma: a lower bound
+    assert "Distributed noise" in verified.covers[0]
+    assert verified.not_covered[0].startswith("The clients: each was trusted to clip its update and add its noise")
 
 
 def test_a_client_that_fails_within_min_clients_does_not_stop_the_round(tmp_path, monkeypatch):
