@@ -137,6 +137,24 @@ def test_the_noise_of_the_surviving_shares_is_at_least_the_plans(survivors):
 # ----------------------------------------------------------------------------------------
 # The accounting, against Google's dp_accounting
 # ----------------------------------------------------------------------------------------
+def ddg_plan(**overrides) -> DistributedNoisePlan:
+    kwargs = dict(
+        target_epsilon=None,
+        noise_multiplier=1.0,
+        delta=1e-5,
+        clip_norm=1.0,
+        upload_size=3000,
+        bits=32,
+        clients=5,
+        min_shares=5,
+        rounds=10,
+        releases_per_round=1,
+        sensitivity_factor=1.0,
+    )
+    kwargs.update(overrides)
+    return plan_distributed_noise(**kwargs)
+
+
 def rdp_epsilon(noise_multiplier: float, compositions: int, delta: float) -> float:
     accountant = rdp_privacy_accountant.RdpAccountant(list(RDP_ORDERS))
     accountant.compose(dp_event.GaussianDpEvent(noise_multiplier), compositions)
@@ -147,67 +165,27 @@ def rdp_epsilon(noise_multiplier: float, compositions: int, delta: float) -> flo
 def test_epsilon_is_the_gaussian_at_the_surviving_noise_and_the_rounded_sensitivity_per_dp_accounting(min_shares):
     """On a fine grid tau vanishes: the bound is the Gaussian mechanism's at std sigma C (the shares of the fewest
     survivors) over the rounding-inflated sensitivity, composed over rounds, which dp_accounting computes."""
-    plan = plan_distributed_noise(
-        target_epsilon=None,
-        noise_multiplier=1.3,
-        delta=1e-5,
-        clip_norm=0.7,
-        upload_size=3000,
-        bits=32,
-        clients=5,
-        min_shares=min_shares,
-        rounds=10,
-        releases_per_round=1,
-        sensitivity_factor=1.0,
-    )
+    plan = ddg_plan(noise_multiplier=1.3, clip_norm=0.7, min_shares=min_shares)
     assert tau(plan.share_std, plan.max_shares) < 1e-12
     sensitivity = rounded_l2_bound(plan.clip_norm / plan.granularity, plan.dimension) * plan.granularity
     assert sensitivity == pytest.approx(plan.clip_norm, rel=1e-3)
     independent = rdp_epsilon(plan.release_std / sensitivity, 10, 1e-5)
     assert plan.epsilon(10, 1e-5) == pytest.approx(independent, rel=1e-6)
     # the plan's sigma is the noise of the fewest survivors; more survivors only add noise
-    more = plan_distributed_noise(
-        target_epsilon=None,
-        noise_multiplier=1.3,
-        delta=1e-5,
-        clip_norm=0.7,
-        upload_size=3000,
-        bits=32,
-        clients=5,
-        min_shares=5,
-        rounds=10,
-        releases_per_round=1,
-        sensitivity_factor=1.0,
-    )
+    more = ddg_plan(noise_multiplier=1.3, clip_norm=0.7)
     assert more.epsilon(10, 1e-5) == pytest.approx(plan.epsilon(10, 1e-5), rel=1e-6)
 
 
 def test_a_coarse_grid_costs_epsilon_never_saves_it():
     """Few bits: a coarse grid inflates the sensitivity and tau adds; epsilon is above the Gaussian's."""
-    coarse = plan_distributed_noise(
-        target_epsilon=None,
-        noise_multiplier=1.0,
-        delta=1e-5,
-        clip_norm=1.0,
-        upload_size=50_000,
-        bits=10,
-        clients=20,
-        min_shares=10,
-        rounds=5,
-        releases_per_round=1,
-        sensitivity_factor=1.0,
-    )
+    coarse = ddg_plan(upload_size=50_000, bits=10, clients=20, min_shares=10, rounds=5)
     assert coarse.epsilon(5, 1e-5) > 1.05 * rdp_epsilon(coarse.noise_multiplier, 5, 1e-5)
 
 
 def test_replace_one_doubles_the_sensitivity_per_dp_accounting():
-    plan = plan_distributed_noise(
-        target_epsilon=None,
+    plan = ddg_plan(
         noise_multiplier=2.0,
-        delta=1e-5,
-        clip_norm=1.0,
         upload_size=100,
-        bits=32,
         clients=4,
         min_shares=4,
         rounds=3,
@@ -279,7 +257,7 @@ def test_the_aggregator_refuses_an_upload_that_is_not_an_encoding():
     privacy = distributed_privacy()
     privacy.plan(4, None, rounds=1, releases_per_round=1, upload_size=10)
     aggregate = privacy.aggregator(["w"], 0, 0)
-    with pytest.raises(ValueError, match="one int64 tensor"):
+    with pytest.raises(ValueError, match="one encoded tensor"):
         aggregate.add({"w": torch.zeros(10)})
     with pytest.raises(ValueError, match="outside"):
         aggregate.add({ENCODED: torch.full((privacy.distributed.dimension,), -1, dtype=torch.int64)})

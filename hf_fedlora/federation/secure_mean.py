@@ -143,14 +143,14 @@ class SecureMeanEncoding:
         return out
 
 
-class SecureMeanSum:
-    """The server's side of one sub-round: the modular sum of encoded uploads (each one in process, where the
-    secure sum is simulated; or a secure sum's result), decoded to the weighted mean."""
+class ModularSum:
+    """The sum modulo 2^bits of encoded uploads: each one on its own (the secure sum simulated in process) or a
+    secure sum's result ({SUMMED, SHARES}); `count` says how many uploads it holds."""
 
-    def __init__(self, encoding: SecureMeanEncoding):
-        self.encoding = encoding
+    def __init__(self, size: int, bits: int):
+        self.size, self.modulus, self.bits = size, 2**bits, bits
         self.count = 0
-        self._sum = torch.zeros(encoding.size, dtype=torch.int64)
+        self.total = torch.zeros(size, dtype=torch.int64)
 
     @torch.no_grad()
     def add(self, upload: Mapping[str, torch.Tensor]) -> None:
@@ -159,13 +159,30 @@ class SecureMeanSum:
         elif set(upload) == {ENCODED}:
             encoded, count = upload[ENCODED], 1
         else:
-            raise ValueError(f"under secure aggregation an upload is one encoded tensor; got {sorted(upload)[:3]}")
-        if encoded.shape != (self.encoding.size,) or encoded.dtype != torch.int64:
-            raise ValueError(f"an encoded upload must be one int64 tensor of {self.encoding.size} numbers")
-        if bool((encoded < 0).any() or (encoded >= self.encoding.modulus).any()):
-            raise ValueError(f"an encoded upload holds numbers outside [0, 2^{self.encoding.bits})")
-        self._sum = torch.remainder(self._sum + encoded, self.encoding.modulus)
+            raise ValueError(
+                f"under a secure sum an upload is one encoded tensor {ENCODED!r}; got {sorted(upload)[:3]}"
+            )
+        if encoded.shape != (self.size,) or encoded.dtype != torch.int64:
+            raise ValueError(f"an encoded upload must be one int64 tensor of {self.size} numbers")
+        if bool((encoded < 0).any() or (encoded >= self.modulus).any()):
+            raise ValueError(f"an encoded upload holds numbers outside [0, 2^{self.bits})")
+        self.total = torch.remainder(self.total + encoded, self.modulus)
         self.count += count
 
+
+class SecureMeanSum:
+    """The server's side of one sub-round under secure aggregation: the modular sum, decoded to the weighted mean."""
+
+    def __init__(self, encoding: SecureMeanEncoding):
+        self.encoding = encoding
+        self.sum = ModularSum(encoding.size, encoding.bits)
+
+    @property
+    def count(self) -> int:
+        return self.sum.count
+
+    def add(self, upload: Mapping[str, torch.Tensor]) -> None:
+        self.sum.add(upload)
+
     def release(self, global_state: Mapping[str, torch.Tensor], regulate: bool = False) -> dict[str, torch.Tensor]:
-        return self.encoding.decode(self._sum, global_state)
+        return self.encoding.decode(self.sum.total, global_state)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..federation.secure_mean import ENCODED, SHARES, SUMMED
+from ..federation.secure_mean import ModularSum
 from .accountants import epsilon_from_history, make_accountant
 from .calibration import calibrate_noise_multiplier
 from .distributed_noise import (
@@ -422,30 +422,15 @@ class DistributedSum:
         self.keys = keys
         self.signs = signs
         self.plan = privacy.distributed
-        self.shares = 0
-        self._sum = torch.zeros(self.plan.dimension, dtype=torch.int64)
+        self.sum = ModularSum(self.plan.dimension, self.plan.bits)
 
-    @torch.no_grad()
+    @property
+    def shares(self) -> int:
+        return self.sum.count
+
     def add(self, upload: Mapping[str, torch.Tensor]) -> None:
         """One client's encoded upload (the secure sum simulated in process), or a secure sum's result."""
-        if set(upload) == {SUMMED, SHARES}:
-            self._add_encoded(upload[SUMMED], int(upload[SHARES]))
-            return
-        encoded = upload.get(ENCODED) if set(upload) == {ENCODED} else None
-        if encoded is None or encoded.shape != (self.plan.dimension,) or encoded.dtype != torch.int64:
-            raise ValueError(
-                f"under distributed noise an upload is one int64 tensor {ENCODED!r} of {self.plan.dimension} numbers; "
-                f"got {sorted(upload)[:3]}"
-            )
-        self._add_encoded(encoded, 1)
-
-    def _add_encoded(self, encoded: torch.Tensor, shares: int) -> None:
-        if encoded.shape != (self.plan.dimension,) or encoded.dtype != torch.int64:
-            raise ValueError(f"a secure sum must be one int64 tensor of {self.plan.dimension} numbers")
-        if bool((encoded < 0).any() or (encoded >= self.plan.modulus).any()):
-            raise ValueError(f"an encoded upload holds numbers outside [0, 2^{self.plan.bits})")
-        self._sum = torch.remainder(self._sum + encoded, self.plan.modulus)
-        self.shares += shares
+        self.sum.add(upload)
 
     @torch.no_grad()
     def release(self, global_state: Mapping[str, torch.Tensor], regulate: bool) -> dict[str, torch.Tensor]:
@@ -454,7 +439,9 @@ class DistributedSum:
                 f"only {self.shares} of the planned minimum {self.plan.min_shares} noise shares arrived: the sum would "
                 "carry less noise than accounted, so nothing is released"
             )
-        total = decode(self._sum, self.plan, self.signs, {key: tuple(global_state[key].shape) for key in self.keys})
+        total = decode(
+            self.sum.total, self.plan, self.signs, {key: tuple(global_state[key].shape) for key in self.keys}
+        )
         released = {}
         for key in self.keys:
             start = global_state[key]
