@@ -45,11 +45,21 @@ def state_of(trainer: FederatedTrainer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("config_cls", [FFALoraConfig, RoLoraConfig], ids=["ffa_lora", "rolora"])
-@pytest.mark.parametrize("private", ["example", "client", None], ids=["dp", "client_dp", "non_private"])
+@pytest.mark.parametrize(
+    "private",
+    ["example", "client", "distributed", None],
+    ids=["dp", "client_dp", "client_dp_distributed", "non_private"],
+)
 def test_resume_gives_the_uninterrupted_run_bit_for_bit(tmp_path, config_cls, private):
     """Under client-level DP too: the aggregator's noise and participation streams continue from the secret store
-    (a replayed stream would give the same noise twice, and another adapter)."""
-    privacy = {"dp_unit": private, "clients_per_round": 1} if private else {"dp_noise_multiplier": None}
+    (a replayed stream would give the same noise twice, and another adapter); under distributed noise the plan (its
+    grid) comes back with it."""
+    privacy = {
+        "example": {"dp_unit": "example", "clients_per_round": 1},
+        "client": {"dp_unit": "client", "clients_per_round": 1},
+        "distributed": {"dp_unit": "client", "dp_noise_placement": "distributed"},
+        None: {"dp_noise_multiplier": None},
+    }[private]
     whole = FederatedTrainer(
         tiny_peft(config_cls), run_args(tmp_path / "whole", **privacy), train_dataset=toy_dataset()
     )
