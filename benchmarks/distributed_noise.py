@@ -2,14 +2,16 @@
 against each client adding its share for a secure sum (distributed discrete Gaussian), at the same epsilon.
 
 Each run is the demo's task (`hf-fedlora demo`: all-MiniLM-L6-v2 on the offline tweets, FFA-LoRA at the recipe's
-rate, Dirichlet(0.5) clients, 6 rounds x 4 local steps) under `--dp_unit client`, every client in every round, with
-`--dp_noise_placement central` (PRV accountant) or `distributed` (the Renyi-DP bound for sums of discrete Gaussians,
-`--bits` per coordinate, noise planned for `--min_clients` surviving shares). Same seed, same clients, same
+rate, Dirichlet(0.5) clients, 6 rounds x 4 local steps) under `--dp_unit client` and the zero-out-one relation (the
+client list is public; every client in every round), with `--dp_noise_placement central` (the aggregator's noise,
+PRV accountant; at sample rate 1 the same sigma as under add/remove) or `distributed` (each client's share of
+discrete Gaussian noise, `--bits` per coordinate, planned for `--min_clients` surviving shares, accounted by the
+Renyi-DP bound for sums of discrete Gaussians). Same seed, same clients, same
 epsilon; each run in its own process (wall time and peak RSS). The secure sum is simulated in process (the same
 modular arithmetic; the masks cancel exactly), so accuracy is what a Flower deployment with SecAgg gets.
 
     .venv/bin/python benchmarks/distributed_noise.py                      # 8 clients, epsilon 8, seeds 0 1 2
-    .venv/bin/python benchmarks/distributed_noise.py --num_clients 32 --seeds 0 --name distributed_noise_32
+    .venv/bin/python benchmarks/distributed_noise.py --num_clients 16 --seeds 0 --name distributed_noise_16_clients
     .venv/bin/python benchmarks/distributed_noise.py --quick              # a smoke run: tiny, one round
 """
 
@@ -42,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, default=20, help="Bits per coordinate of the secure sum.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default="distributed_noise")
-    parser.add_argument("--quick", action="store_true", help="Smoke run: 1 round on 300 training tweets, 64 test tweets.")
+    parser.add_argument(
+        "--quick", action="store_true", help="Smoke run: 1 round, 300 training tweets."
+    )
     return parser.parse_args(argv)
 
 
@@ -56,6 +60,8 @@ def demo_command(args: argparse.Namespace, placement: str, seed: int, output_dir
         "client",
         "--dp_noise_placement",
         placement,
+        "--dp_neighbouring_relation",  # the client list is public; at q = 1 the same sigma for central noise
+        "zero_out_one",
         "--dp_target_epsilon",
         str(args.epsilon),
         "--dp_target_delta",

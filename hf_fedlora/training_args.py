@@ -11,7 +11,7 @@ from transformers import SchedulerType, TrainingArguments
 from .federation.partition import SCHEMES
 from .lr_schedule import check_schedule
 from .privacy import ACCOUNTANTS
-from .privacy.client_level import NEIGHBOURING_RELATIONS, NOISE_PLACEMENTS
+from .privacy.client_level import DISTRIBUTED_RELATION_ERROR, NEIGHBOURING_RELATIONS, NOISE_PLACEMENTS, PUBLIC_ROSTER
 from .privacy.dp_optimizer import CLIPPINGS
 from .privacy.engine import CALIBRATIONS, UNITS
 
@@ -147,7 +147,9 @@ class FederatedTrainingArguments(TrainingArguments):
             "Flower's PrivacyConfig names them). 'add_or_remove_one': clients take part by secret Poisson sampling; "
             "client names, sizes, per-round participant counts and failures are never published. 'replace_one': the "
             "client list is public; replacing one client's data moves the sum by up to 2 x dp_clip_norm, which is "
-            "accounted; every client takes part in every round."
+            "accounted; every client takes part in every round. 'zero_out_one': the client list is public and every "
+            "client takes part in every round; removing one client's data leaves it sending a zero update (and under "
+            "dp_noise_placement='distributed' its noise share), which moves the sum by up to dp_clip_norm."
         },
     )
     secure_aggregation: bool = field(
@@ -175,7 +177,8 @@ class FederatedTrainingArguments(TrainingArguments):
             "aggregator adds it to the sum of clipped updates (it sees the updates before the noise). 'distributed': "
             "each client adds its share of discrete Gaussian noise to its update, encoded as integers modulo "
             "2^dp_secure_sum_bits for a secure sum, so the aggregator learns only the noised sum (Kairouz et al., "
-            "2021; docs/algorithms.md#distributed-noise). The noise is planned for min_clients_per_round surviving "
+            "2021; docs/algorithms.md#distributed-noise). Needs dp_neighbouring_relation='zero_out_one' or "
+            "'replace_one'. The noise is planned for min_clients_per_round surviving "
             "clients (default: all); every client takes part in every round. In process the secure sum is "
             "simulated: the same modular arithmetic, without the masks that hide each upload."
         },
@@ -402,6 +405,8 @@ class FederatedTrainingArguments(TrainingArguments):
                     "dp_noise_placement='distributed' is for dp_unit='client' (clients add the aggregator's noise); "
                     "under dp_unit='example' every client already adds its own noise inside DP-SGD."
                 )
+            if self.dp_neighbouring_relation not in PUBLIC_ROSTER:
+                raise ValueError(DISTRIBUTED_RELATION_ERROR)
             if self.clients_per_round is not None:
                 raise ValueError(
                     f"dp_noise_placement='distributed' needs every client in every round (clients_per_round="

@@ -120,6 +120,8 @@ def _pld_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, re
     neighbours = {
         "add_or_remove_one": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
         "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE,
+        # at sample rate 1 (checked): the Gaussian at sensitivity C, the sum with and without one client's update
+        "zero_out_one": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
     }[relation]
     accountant = pld_privacy_accountant.PLDAccountant(neighbours, value_discretization_interval=PLD_DISCRETIZATION)
     for sigma, rate, steps in history:
@@ -457,7 +459,11 @@ def _verify_card_against_private_record(
 # ----------------------------------------------------------------------------------------
 # Client-level DP (DP-FedAvg): one history for the federation, nothing about who took part
 # ----------------------------------------------------------------------------------------
-RELATIONS = {"add_or_remove_one": "add or remove one client", "replace_one": "replace one client"}
+RELATIONS = {
+    "add_or_remove_one": "add or remove one client",
+    "replace_one": "replace one client",
+    "zero_out_one": "zero out one client's data",
+}
 # What a client-level record must never hold: it would say which clients there are or who took part.
 _PARTICIPATION_KEYS = ("client_sizes", "schedule", "steps_per_round", "failed_clients")
 
@@ -513,9 +519,9 @@ def _verify_client_level(report: VerificationReport, record: Mapping[str, Any], 
                     f"record says {rate} and its history {[q for _, q, _ in this_run]}",
                 )
             )
-        if relation == "replace_one" and any(q != 1 for _, q, _ in history):
+        if relation in ("replace_one", "zero_out_one") and any(q != 1 for _, q, _ in history):
             problems.append(
-                Problem("record-sample-rate-mismatch", "replace_one is accounted for full participation only (q = 1)")
+                Problem("record-sample-rate-mismatch", f"{relation} is accounted for full participation only (q = 1)")
             )
     if privacy.get("noise_multiplier") != history[-1][0]:
         problems.append(
@@ -965,8 +971,10 @@ def _state_guarantee(report: VerificationReport, record: Mapping[str, Any], priv
             "weights and every update a client sent) by at most a factor e^ε, except with probability δ."
         )
     elif unit == "client":
-        replace = privacy.get("neighbouring_relation") == "replace_one"
-        change = "replacing all of one client's data by another's" if replace else "adding or removing one client"
+        change = {
+            "replace_one": "replacing all of one client's data by another's",
+            "zero_out_one": "removing all of one client's data (the client staying, with a zero update)",
+        }.get(privacy.get("neighbouring_relation"), "adding or removing one client")
         report.guarantee = (
             f"{shown}-differential privacy for every client (unit: one client; neighbouring relation: "
             f"{RELATIONS.get(privacy.get('neighbouring_relation'), '?')}): {change} changes the probability of any "

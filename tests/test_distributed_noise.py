@@ -225,6 +225,7 @@ def distributed_privacy(**overrides) -> ClientLevelPrivacy:
         clip_norm=1.0,
         secret_seed=3,
         noise_placement="distributed",
+        relation="zero_out_one",
         secure_sum_bits=20,
     )
     kwargs.update(overrides)
@@ -277,6 +278,7 @@ def distributed_trainer(tmp_path, config_cls=FFALoraConfig, **overrides):
         dp_clip_norm=0.05,
         dp_target_delta=1e-4,
         dp_noise_placement="distributed",
+        dp_neighbouring_relation="zero_out_one",
         min_clients_per_round=3,
     )
     args.update(overrides)
@@ -301,6 +303,8 @@ def test_a_run_with_distributed_noise_states_its_plan_the_trust_and_an_epsilon_d
     card = (tmp_path / "adapter" / CARD_NAME).read_text()
     assert "distributed noise (Kairouz, Liu and Steinke, 2021)" in card
     assert "the aggregator learns only the noised sum" in card and "(3 of 4)" in card
+    assert "neighbouring relation: zero out one client's data" in card and "The list of clients is public." in card
+    assert "and its share of the noise" in card
     assert "simulated in one process" in card
     verified = verify_adapter(str(tmp_path / "adapter"))
     assert verified.problems == []
@@ -345,6 +349,12 @@ def test_two_failures_below_the_planned_shares_stop_before_anything_is_released(
 def test_distributed_noise_is_refused_where_it_does_not_hold(tmp_path):
     with pytest.raises(ValueError, match="dp_unit='client'"):
         fed_args(tmp_path, dp_target_epsilon=3.0, dp_noise_placement="distributed")
+    with pytest.raises(ValueError, match="a client that left would take its noise share with it"):
+        fed_args(tmp_path, dp_unit="client", dp_target_epsilon=3.0, dp_noise_placement="distributed")
+    with pytest.raises(ValueError, match="a client that left would take its noise share with it"):
+        ClientLevelPrivacy(
+            target_epsilon=3.0, target_delta=1e-5, noise_multiplier=None, clip_norm=1.0, noise_placement="distributed"
+        )
     with pytest.raises(ValueError, match="every client in every round"):
         fed_args(
             tmp_path,
@@ -353,13 +363,12 @@ def test_distributed_noise_is_refused_where_it_does_not_hold(tmp_path):
             clients_per_round=2,
             dp_target_epsilon=3.0,
             dp_noise_placement="distributed",
+            dp_neighbouring_relation="zero_out_one",
         )
     with pytest.raises(ValueError, match="dp_noise_placement must be one of"):
         fed_args(tmp_path, dp_unit="client", dp_target_epsilon=3.0, dp_noise_placement="local")
     with pytest.raises(ValueError, match="at most 48"):
-        fed_args(
-            tmp_path, dp_unit="client", dp_target_epsilon=3.0, dp_noise_placement="distributed", dp_secure_sum_bits=60
-        )
+        fed_args(tmp_path, dp_unit="client", dp_target_epsilon=3.0, dp_secure_sum_bits=60)
     trainer = distributed_trainer(tmp_path, DeerConfig)
     with pytest.raises(ValueError, match="isotropic noise"):
         trainer.train()

@@ -200,7 +200,12 @@ def test_flower_run_equals_in_process_trainer(tmp_path, method, dp_unit):
 def distributed_run_config(tmp_path: Path, clients: int = 3, **extra) -> dict:
     """Client-level DP with distributed noise: each client's noise share, summed by secure aggregation; the noise
     planned for clients - 1 surviving shares."""
-    config = {"num-clients": clients, "dp-noise-placement": "distributed", "min-clients-per-round": clients - 1}
+    config = {
+        "num-clients": clients,
+        "dp-noise-placement": "distributed",
+        "dp-neighbouring-relation": "zero_out_one",
+        "min-clients-per-round": clients - 1,
+    }
     return tiny_run_config(tmp_path, "ffa_lora", "client", **{**config, **extra})
 
 
@@ -529,7 +534,8 @@ def test_loopback_deployment(tmp_path, secure, secure_sum):
     context state between messages). Insecure: the explicitly local variant."""
     bin_dir = Path(sys.executable).parent
     out = tmp_path / "out"
-    unit, extra = ("client", {"dp-noise-placement": "distributed"}) if secure_sum else ("example", {})
+    distributed = {"dp-noise-placement": "distributed", "dp-neighbouring-relation": "zero_out_one"}
+    unit, extra = ("client", distributed) if secure_sum else ("example", {})
     run_config = tiny_run_config(tmp_path, "ffa_lora", unit, **{"output-dir": str(out), "wait-timeout": 120, **extra})
     del run_config["dp-secret-seed"]  # a real run: the secret streams come from OS entropy
     app_dir = tmp_path / "app"

@@ -13,6 +13,11 @@ The neighbouring relation is named, as Flower's PrivacyConfig names it:
   parameters of the mechanism, fixed from the planned population.
 - "replace_one": the client list is public; one client's data replaced by another's moves the sum by up to 2C,
   accounted as such. Every client takes part in every round (no sampling is analysed for this relation here).
+- "zero_out_one": the client list is public and every client takes part in every round; one client's data removed,
+  the client staying (its update zero, and under distributed noise its noise share still added), moves the sum by
+  up to C: at sample rate 1 the same Gaussian mechanism as add/remove. Distributed noise needs a relation under
+  which the client stays: a client that left would take its noise share with it, and the noise's energy would say
+  it had gone.
 
 Trust: with the noise placed centrally (the default) the aggregator sees the clipped updates before the noise
 (central DP). With dp_noise_placement="distributed" each client adds its share of discrete Gaussian noise to its
@@ -42,10 +47,17 @@ from .mechanism import DPMechanism, derived_seed, mechanism_arguments
 from .noise import draw_noise
 from .state import decode_generator_state, encode_generator_state, merged_history, steps_of
 
-ADD_OR_REMOVE_ONE, REPLACE_ONE = "add_or_remove_one", "replace_one"
-NEIGHBOURING_RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE)
+ADD_OR_REMOVE_ONE, REPLACE_ONE, ZERO_OUT_ONE = "add_or_remove_one", "replace_one", "zero_out_one"
+NEIGHBOURING_RELATIONS = (ADD_OR_REMOVE_ONE, REPLACE_ONE, ZERO_OUT_ONE)
+PUBLIC_ROSTER = (REPLACE_ONE, ZERO_OUT_ONE)  # the client list is public; every client takes part in every round
 CENTRAL, DISTRIBUTED = "central", "distributed"
 SIMULATED_SECURE_SUM = "simulated in process"
+DISTRIBUTED_RELATION_ERROR = (
+    "dp_noise_placement='distributed' needs dp_neighbouring_relation='zero_out_one' (or 'replace_one'): under "
+    "'add_or_remove_one' a client that left would take its noise share with it, and the noise's energy would say it "
+    "had gone. Under 'zero_out_one' the client list is public and a client's data are protected: removing them "
+    "leaves the client sending a zero update with its share."
+)
 NOISE_PLACEMENTS = (CENTRAL, DISTRIBUTED)
 AGGREGATOR, NOISE_STREAM, PARTICIPATION_STREAM = 0, 3, 4  # the aggregator's own streams
 
@@ -68,13 +80,14 @@ def clip_update(update: Mapping[str, torch.Tensor], clip_norm: float, clipping: 
 
 def add_or_remove_equivalent(history: Iterable[Iterable[float]], relation: str) -> list[tuple[float, float, int]]:
     """The history the add/remove accountants account for this relation. Replace-one with every client in every
-    round is the Gaussian mechanism at sensitivity 2C, i.e. add/remove at noise multiplier sigma / 2."""
+    round is the Gaussian mechanism at sensitivity 2C, i.e. add/remove at noise multiplier sigma / 2; zero-out-one
+    at sample rate 1 is the Gaussian mechanism at sensitivity C, as add/remove."""
     history = [(float(s), float(q), int(n)) for s, q, n in history]
-    if relation != REPLACE_ONE:
+    if relation not in PUBLIC_ROSTER:
         return history
     if any(q != 1.0 for _, q, n in history if n):
-        raise ValueError("replace_one is accounted here for full participation (sample rate 1) only")
-    return [(s / 2, q, n) for s, q, n in history]
+        raise ValueError(f"{relation} is accounted here for full participation (sample rate 1) only")
+    return [(s / 2, q, n) for s, q, n in history] if relation == REPLACE_ONE else history
 
 
 def client_level_epsilon(history: Iterable[tuple[float, float, int]], delta: float, accountant: str, relation: str):
@@ -117,6 +130,8 @@ class ClientLevelPrivacy(DPMechanism):
         )
         if noise_placement not in NOISE_PLACEMENTS:
             raise ValueError(f"dp_noise_placement must be one of {list(NOISE_PLACEMENTS)}, got {noise_placement!r}")
+        if noise_placement == DISTRIBUTED and relation not in PUBLIC_ROSTER:
+            raise ValueError(DISTRIBUTED_RELATION_ERROR)
         self.relation = relation
         self.noise_placement = noise_placement
         self.secure_sum_bits = secure_sum_bits
@@ -155,9 +170,9 @@ class ClientLevelPrivacy(DPMechanism):
             self._plan_distributed(num_clients, clients_per_round, rounds, releases_per_round, upload_size, min_clients)
             return
         expected = clients_per_round or num_clients
-        if self.relation == REPLACE_ONE and expected != num_clients:
+        if self.relation in PUBLIC_ROSTER and expected != num_clients:
             raise ValueError(
-                f"dp_neighbouring_relation='replace_one' is accounted for full participation only, but "
+                f"dp_neighbouring_relation={self.relation!r} is accounted for full participation only, but "
                 f"clients_per_round={clients_per_round} of {num_clients} clients. Leave clients_per_round unset, or "
                 "use 'add_or_remove_one' (secret Poisson sampling of clients, amplified)."
             )
