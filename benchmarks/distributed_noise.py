@@ -44,9 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, default=20, help="Bits per coordinate of the secure sum.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default="distributed_noise")
-    parser.add_argument(
-        "--quick", action="store_true", help="Smoke run: 1 round, 300 training tweets."
-    )
+    parser.add_argument("--quick", action="store_true", help="Smoke run: 1 round, 300 training tweets.")
     return parser.parse_args(argv)
 
 
@@ -68,7 +66,7 @@ def demo_command(args: argparse.Namespace, placement: str, seed: int, output_dir
         str(args.delta),
         "--num_clients",
         str(args.num_clients),
-        "--dp_secure_sum_bits",
+        "--secure_sum_bits",
         str(args.bits),
         "--seed",
         str(seed),

@@ -231,7 +231,7 @@ class Federation:
                 self.global_state,
                 keys,
                 {name: self._weight(name) for name in active},
-                bits=self.args.dp_secure_sum_bits,
+                bits=self.args.secure_sum_bits,
                 clip_range=self.args.secure_aggregation_range,
                 public_seed=self.args.seed,
                 round_index=round_index,
@@ -357,7 +357,7 @@ class Federation:
             record["secure_aggregation"] = {
                 "sum": self.secure_sum,
                 "clip_range": args.secure_aggregation_range,
-                "bits": args.dp_secure_sum_bits,
+                "bits": args.secure_sum_bits,
             }
         record.update(
             unprotected_statistics_published=self.private and publish,

@@ -158,7 +158,7 @@ class FederatedTrainingArguments(TrainingArguments):
             "help": "Average the uploads through a secure sum, so the server learns their weighted mean and nothing "
             "of any one upload (hf_fedlora.federation.secure_mean): each client sends its update (upload minus the "
             "global adapter), every coordinate clipped to +-secure_aggregation_range, weighted and rounded to a "
-            "grid, modulo 2^dp_secure_sum_bits. For the example unit and non-private runs; under dp_unit='client' "
+            "grid, modulo 2^secure_sum_bits. For the example unit and non-private runs; under dp_unit='client' "
             "use dp_noise_placement='distributed'. Under Flower the sum is SecAgg across the SuperNodes; in "
             "process it is simulated (the same arithmetic, without masks)."
         },
@@ -176,16 +176,19 @@ class FederatedTrainingArguments(TrainingArguments):
             "help": "Under dp_unit='client', who adds the noise, one of ('central', 'distributed'). 'central': the "
             "aggregator adds it to the sum of clipped updates (it sees the updates before the noise). 'distributed': "
             "each client adds its share of discrete Gaussian noise to its update, encoded as integers modulo "
-            "2^dp_secure_sum_bits for a secure sum, so the aggregator learns only the noised sum (Kairouz et al., "
+            "2^secure_sum_bits for a secure sum, so the aggregator learns only the noised sum (Kairouz et al., "
             "2021; docs/algorithms.md#distributed-noise). Needs dp_neighbouring_relation='zero_out_one' or "
             "'replace_one'. The noise is planned for min_clients_per_round surviving "
             "clients (default: all); every client takes part in every round. In process the secure sum is "
             "simulated: the same modular arithmetic, without the masks that hide each upload."
         },
     )
-    dp_secure_sum_bits: int = field(
+    secure_sum_bits: int = field(
         default=20,
-        metadata={"help": "Bits per coordinate of the secure sum under dp_noise_placement='distributed' (8-48)."},
+        metadata={
+            "help": "Bits per coordinate of a secure sum (dp_noise_placement='distributed' or secure_aggregation), "
+            "8-48: more bits, a finer grid (and under distributed noise an epsilon closer to the Gaussian's)."
+        },
     )
     dp_target_epsilon: float | None = field(
         default=None,
@@ -385,9 +388,9 @@ class FederatedTrainingArguments(TrainingArguments):
         _require_choice(self.dp_unit, "dp_unit", UNITS)
         _require_choice(self.dp_neighbouring_relation, "dp_neighbouring_relation", NEIGHBOURING_RELATIONS)
         _require_choice(self.dp_noise_placement, "dp_noise_placement", NOISE_PLACEMENTS)
-        _require_int(self.dp_secure_sum_bits, "dp_secure_sum_bits", minimum=8)
-        if self.dp_secure_sum_bits > 48:
-            raise ValueError(f"dp_secure_sum_bits must be at most 48, got {self.dp_secure_sum_bits}")
+        _require_int(self.secure_sum_bits, "secure_sum_bits", minimum=8)
+        if self.secure_sum_bits > 48:
+            raise ValueError(f"secure_sum_bits must be at most 48, got {self.secure_sum_bits}")
         if not isinstance(self.secure_aggregation, bool):
             raise ValueError(f"secure_aggregation must be True or False, got {self.secure_aggregation!r}")
         _require_finite_number(self.secure_aggregation_range, "secure_aggregation_range")

@@ -302,7 +302,10 @@ def test_a_run_with_distributed_noise_states_its_plan_the_trust_and_an_epsilon_d
     assert privacy["epsilon"] == pytest.approx(rdp_epsilon(plan.release_std / sensitivity, 3, 1e-4), rel=1e-4)
     card = (tmp_path / "adapter" / CARD_NAME).read_text()
     assert "distributed noise (Kairouz, Liu and Steinke, 2021)" in card
-    assert "the aggregator learns only the noised sum" in card and "(3 of 4)" in card
+    assert (
+        "the aggregator learns only the noised sum" in card
+        and "(3 of 4; dropouts are assumed not to depend on the clients' data)" in card
+    )
     assert "neighbouring relation: zero out one client's data" in card and "The list of clients is public." in card
     assert "and its share of the noise" in card
     assert "simulated in one process" in card
@@ -368,7 +371,7 @@ def test_distributed_noise_is_refused_where_it_does_not_hold(tmp_path):
     with pytest.raises(ValueError, match="dp_noise_placement must be one of"):
         fed_args(tmp_path, dp_unit="client", dp_target_epsilon=3.0, dp_noise_placement="local")
     with pytest.raises(ValueError, match="at most 48"):
-        fed_args(tmp_path, dp_unit="client", dp_target_epsilon=3.0, dp_secure_sum_bits=60)
+        fed_args(tmp_path, dp_unit="client", dp_target_epsilon=3.0, secure_sum_bits=60)
     trainer = distributed_trainer(tmp_path, DeerConfig)
     with pytest.raises(ValueError, match="isotropic noise"):
         trainer.train()

@@ -57,7 +57,11 @@ def test_resume_gives_the_uninterrupted_run_bit_for_bit(tmp_path, config_cls, pr
     privacy = {
         "example": {"dp_unit": "example", "clients_per_round": 1},
         "client": {"dp_unit": "client", "clients_per_round": 1},
-        "distributed": {"dp_unit": "client", "dp_noise_placement": "distributed"},
+        "distributed": {
+            "dp_unit": "client",
+            "dp_noise_placement": "distributed",
+            "dp_neighbouring_relation": "zero_out_one",
+        },
         None: {"dp_noise_multiplier": None},
     }[private]
     whole = FederatedTrainer(

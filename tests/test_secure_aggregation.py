@@ -107,7 +107,7 @@ def test_training_with_secure_aggregation_matches_plain_fedavg_within_the_quanti
     dp = dict(dp_target_epsilon=8.0, dp_target_delta=1e-4) if private else {}
     plain = trainer_with(tmp_path / "plain", **dp)
     plain.train()
-    secure = trainer_with(tmp_path / "secure", secure_aggregation=True, dp_secure_sum_bits=32, **dp)
+    secure = trainer_with(tmp_path / "secure", secure_aggregation=True, secure_sum_bits=32, **dp)
     secure.train()
     for key, tensor in plain.federation.global_state.items():
         torch.testing.assert_close(secure.federation.global_state[key], tensor, rtol=0, atol=1e-5)

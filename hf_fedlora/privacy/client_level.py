@@ -304,7 +304,7 @@ class ClientLevelPrivacy(DPMechanism):
             **mechanism_arguments(args),
             relation=args.dp_neighbouring_relation,
             noise_placement=args.dp_noise_placement,
-            secure_sum_bits=args.dp_secure_sum_bits,
+            secure_sum_bits=args.secure_sum_bits,
         )
 
     @property

@@ -151,7 +151,7 @@ def granularity_for(
     share_std = noise_multiplier * math.sqrt(releases_per_round) * clip_norm / math.sqrt(min_shares)
     room = 2.0 ** (2 * bits) - clients * K_STDDEVS**2
     if room <= 0:
-        raise ValueError(f"dp_secure_sum_bits={bits} is too few for {clients} clients")
+        raise ValueError(f"secure_sum_bits={bits} is too few for {clients} clients")
     spread = 2 * K_STDDEVS * math.sqrt(clip_norm**2 * clients**2 / dimension + clients * share_std**2)
     return spread / math.sqrt(room)
 
