@@ -43,7 +43,9 @@ def plot_summary(summary: list[dict[str, Any]], name: str, settings: dict[str, A
         private = sorted((row for row in rows if row["epsilon"] is not None), key=lambda row: row["epsilon"])
         if private:
             xs = [position[row["epsilon"]] + offset for row in private]
-            _scores(ax, xs, [row["accuracy"] for row in private], color, "o-", _label(method, rows[0]))
+            one_rate = len({row.get("learning_rate") for row in private}) == 1
+            label = _label(method, private[0]) if one_rate else f"{method} (rate chosen per cell)"
+            _scores(ax, xs, [row["accuracy"] for row in private], color, "o-", label)
         for row in rows:
             if row["epsilon"] is None:
                 label = None if private else _label(method, row)

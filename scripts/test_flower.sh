@@ -27,4 +27,4 @@ fi
 cd "$ROOT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export TOKENIZERS_PARALLELISM=false FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
-"$VENV/bin/python" -m pytest tests/test_flower.py "$@"
+"$VENV/bin/python" -m pytest tests/test_flower.py tests/test_secure_sum.py "$@"
