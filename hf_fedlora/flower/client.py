@@ -213,8 +213,8 @@ def train(msg: Message, context: Context) -> Message:
     if SECURE_SUM_RECORD not in msg.content:
         upload, losses, report = client.train(state, config)
         return _reply(msg, {"client": client.name, "losses": losses, "privacy": report}, upload)
-    # Distributed noise: the shares of the others' keys first (refused if the session does not match), then the
-    # round, encoded with this client's noise share, then masked for the secure sum.
+    # A secure sum: the shares of the others' keys first (refused if the session does not match), then the round,
+    # its upload encoded (with this client's noise share, or as its weighted update), then masked.
     secure = _secure_sum_state(context)
     client_receive_shares(dict(msg.content[SECURE_SUM_RECORD]), secure)
     if "noise-plan" in config:  # distributed noise: the trainer encodes the clipped update with its noise share

@@ -6,9 +6,10 @@ learns each client's facts from a discover query, and hands the federation a Gri
 min-clients rule, aggregates and keeps the privacy account exactly as in process. At the end it writes the adapter,
 the model card and the federated record, each file with `os.replace`.
 
-Under distributed noise (`dp-noise-placement = "distributed"`, client unit) each sub-round's encoded uploads are
-summed by secure aggregation (`hf_fedlora.flower.secure_sum`: key agreement, Shamir shares and pairwise masks, in
-three "query.secagg" exchanges around the "train" message), so the federation receives only their sum.
+Under distributed noise (`dp-noise-placement = "distributed"`, client unit) or `secure-aggregation = true` each
+sub-round's encoded uploads are summed by secure aggregation (`hf_fedlora.flower.secure_sum`: key agreement, Shamir
+shares and pairwise masks, in three "query.secagg" exchanges around the "train" message), so the federation
+receives only their sum.
 
 Run config keys of its own: `task`, `output-dir`, `num-clients` (SuperNodes to wait for), `round-timeout`,
 `wait-timeout` and `secure-sum-timeout` (seconds). `min-clients-per-round` is the trainer's
