@@ -135,12 +135,19 @@ class Federation:
         try:
             if self.client_level is not None:
                 releases = max((self.method.num_sub_rounds(r) for r in rounds), default=1)
+                distributed = self.client_level.noise_placement == "distributed"
+                if distributed and self.method.regulates_noise():
+                    raise ValueError(
+                        f"{self.method.name} shapes the aggregator's noise by the global adapter; with "
+                        "dp_noise_placement='distributed' each client adds isotropic noise. Use "
+                        "dp_noise_placement='central'."
+                    )
                 self.client_level.plan(
                     len(names),
                     self.args.clients_per_round,
                     len(rounds),
                     releases,
-                    upload_size=self._largest_release(rounds),
+                    upload_size=self._largest_release(rounds) if distributed else 0,
                     min_clients=self.args.min_clients_per_round,
                 )
                 return
@@ -154,11 +161,6 @@ class Federation:
 
     def _largest_release(self, rounds: range) -> int:
         """How many numbers the largest (sub-)round release holds: the distributed encoding's size."""
-        if self.client_level.noise_placement == "distributed" and self.method.regulates_noise():
-            raise ValueError(
-                f"{self.method.name} shapes the aggregator's noise by the global adapter; with "
-                "dp_noise_placement='distributed' each client adds isotropic noise. Use dp_noise_placement='central'."
-            )
         sizes = [
             sum(
                 tensor.numel()

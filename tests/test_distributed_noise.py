@@ -197,20 +197,10 @@ def test_replace_one_doubles_the_sensitivity_per_dp_accounting():
 
 
 def test_calibration_meets_the_target_and_a_smaller_sigma_would_not():
-    kwargs = dict(
-        delta=1e-5,
-        clip_norm=1.0,
-        upload_size=20_000,
-        bits=16,
-        clients=10,
-        min_shares=7,
-        rounds=8,
-        releases_per_round=1,
-        sensitivity_factor=1.0,
-    )
-    plan = plan_distributed_noise(target_epsilon=4.0, noise_multiplier=None, **kwargs)
+    kwargs = dict(upload_size=20_000, bits=16, clients=10, min_shares=7, rounds=8)
+    plan = ddg_plan(target_epsilon=4.0, noise_multiplier=None, **kwargs)
     assert plan.epsilon(8, 1e-5) <= 4.0
-    lower = plan_distributed_noise(target_epsilon=None, noise_multiplier=plan.noise_multiplier - 0.01, **kwargs)
+    lower = ddg_plan(noise_multiplier=plan.noise_multiplier - 0.01, **kwargs)
     assert lower.epsilon(8, 1e-5) > 4.0
 
 
