@@ -146,7 +146,25 @@ def test_builder_refuses_one_label_and_test_labels_it_never_trains(tmp_path):
             ["--train_file", str(tmp_path / "train.csv"), "--test_file", str(tmp_path / "test.csv"),
              "--out_dir", str(tmp_path / "c")]
         )  # fmt: skip
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
+    with pytest.raises(ValueError, match="--labels names \\['divided'\\], which the training rows never hold"):
+        make_classification_task.main(
+            [*base, "--train_file", str(tmp_path / "train.csv"), "--test_file", str(tmp_path / "test.csv"),
+             "--labels", "plus", "divided", "--out_dir", str(tmp_path / "d")]
+        )  # fmt: skip
+    assert not any((tmp_path / d).exists() for d in "abd")  # nothing half-written
+
+
+def test_builder_keeps_only_the_labels_asked_for(tmp_path):
+    write_csv(tmp_path / "train.csv", 60)
+    write_csv(tmp_path / "test.csv", 30, start=100)
+    splits = make_classification_task.main(
+        ["--train_file", str(tmp_path / "train.csv"), "--test_file", str(tmp_path / "test.csv"),
+         "--text_column", "sentence", "--labels", "plus", "times", "--num_train", "30", "--num_validation", "6",
+         "--num_test", "10", "--out_dir", str(tmp_path / "task")]
+    )  # fmt: skip
+    for rows in splits.values():
+        assert {row["completion"] for row in rows} == {"plus", "times"}
+        assert all("plus, times. Answer" in row["prompt"] for row in rows)  # only the kept labels are offered
 
 
 def test_builder_writes_the_offline_tweets_as_a_sentiment_task(tmp_path):
@@ -158,6 +176,12 @@ def test_builder_writes_the_offline_tweets_as_a_sentiment_task(tmp_path):
     )  # fmt: skip
     assert {row["completion"] for row in splits["train"]} == {"negative", "neutral", "positive"}
     assert splits["test"][0]["prompt"].startswith("What is the sentiment of this tweet?")
+    polarity = make_classification_task.main(
+        ["--dataset", "tweets", "--labels", "negative", "positive", "--num_train", "30", "--num_validation", "9",
+         "--num_test", "9", "--out_dir", str(tmp_path / "polarity")]
+    )  # fmt: skip
+    assert {row["completion"] for row in polarity["test"]} == {"negative", "positive"}
+    assert "one word: negative, positive." in polarity["test"][0]["prompt"]
 
 
 # --------------------------------------------------------------------------------------

