@@ -647,10 +647,9 @@ def merge(names: list[str], name: str, by_validation: bool = False) -> None:
             cells[cell_key(run)] = run
     runs = list(cells.values())
     if by_validation:
-        for key in CHOSEN_ON_VALIDATION:
-            values = [record["settings"].get(key) for record in records]
-            settings[key] = sorted({json.dumps(value) for value in values})  # every value a cell could take
-            settings[key] = [json.loads(value) for value in settings[key]]
+        for key in CHOSEN_ON_VALIDATION:  # every value a cell could take
+            values = {json.dumps(record["settings"].get(key)) for record in records}
+            settings[key] = [json.loads(value) for value in sorted(values)]
     args = argparse.Namespace(**{"nonprivate_rates": settings["rates"], **settings, "name": name})
     summary = summarise(runs, [*method_names(), CEILING, PROBE])
     print(format_table(*table(summary)))
