@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_steps", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lora_layers", type=int, default=8, help="LoRA on this many upper layers.")
+    parser.add_argument(
+        "--lora_target_modules", default="q_proj,v_proj", help="Comma-separated modules LoRA adapts in those layers."
+    )
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--max_length", type=int, default=160)
     parser.add_argument("--max_new_tokens", type=int, default=16)
@@ -76,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="instruction", help="Results: benchmarks/results/<name>.json and .md.")
     parser.add_argument("--resume", action="store_true", help="Keep the cells already in the results file.")
     parser.add_argument("--no_base", action="store_true", help="Do not score the base model (another run does).")
+    parser.add_argument(
+        "--validation_only", action="store_true", help="Train and score on validation; leave the test rows unseen."
+    )
     parser.add_argument(
         "--quick", action="store_true", help="Smoke run: the first method, epsilon and rate, 1 round x 1 step, 20 rows."
     )
@@ -101,7 +107,8 @@ def train(method: str, epsilon: float | None, rate: float, output_dir: str, args
         "--train_file", str(args.data_dir / "train.jsonl"),
         "--validation_file", str(args.data_dir / "validation.jsonl"),
         "--max_eval_samples", str(args.validation_rows), "--method", method, "--lora_r", "8", "--lora_alpha", "16",
-        "--lora_layers", layers, "--num_clients", str(args.clients), "--partition", "iid",
+        "--lora_target_modules", args.lora_target_modules, "--lora_layers", layers,
+        "--num_clients", str(args.clients), "--partition", "iid",
         "--num_rounds", str(args.rounds), "--local_steps", str(args.local_steps),
         "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(rate),
         "--lr_scheduler_type", "constant", "--max_length", str(args.max_length),
@@ -196,7 +203,7 @@ def run_cell(script, method: str, epsilon: float | None, args) -> dict[str, Any]
             tried.append(train(method, epsilon, rate, output_dir, args) | {"output_dir": output_dir})
             print(f"  {method} eps {epsilon} rate {rate:g}: validation {tried[-1]['validation_exact_match']:.3f}")
         chosen = max(tried, key=lambda t: (t["validation_exact_match"], -t["validation_loss"]))
-        result = score(script, chosen["output_dir"], args)
+        result = {} if args.validation_only else score(script, chosen["output_dir"], args)
     for run in tried:
         run.pop("output_dir")
     return {**{k: v for k, v in chosen.items() if k != "output_dir"}, **result, "rates_tried": tried}
@@ -221,7 +228,7 @@ def write_markdown(name: str, runs: list[dict[str, Any]], args) -> str:
     text = (
         f"# {name}\n\n{format_table(headers, rows)}\n\nAlways the majority label: exact match {majority:.3f}. "
         f"Budget: {args.clients} clients x {args.rounds} rounds x {args.local_steps} local steps x batch "
-        f"{args.batch_size}; LoRA r=8 on the upper {args.lora_layers} layers.\n"
+        f"{args.batch_size}; LoRA r=8 on {args.lora_target_modules} of the upper {args.lora_layers} layers.\n"
     )
     (RESULTS_DIR / f"{name}.md").write_text(text)
     return text
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict[str, Any]] = json.loads(path.read_text())["runs"] if args.resume and path.exists() else []
     done = {cell_key(run) for run in runs}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    if ("base", None) not in done and not args.no_base:
+    if ("base", None) not in done and not (args.no_base or args.validation_only):
         runs.append({"method": "base", "epsilon": None, **score(script, None, args)})
         print(f"base zero-shot: test exact match {runs[-1]['test_exact_match']:.3f}", flush=True)
         write_results(args.name, {"settings": settings, "runs": runs})
@@ -245,13 +252,16 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             result = run_cell(script, method, epsilon, args)
             runs.append({"method": method, "epsilon": epsilon, **result})
-            print(
-                f"{method} eps {epsilon}: rate {result['rate']:g} test exact match {result['test_exact_match']:.3f} "
-                f"named {result['test_named_choice_match']:.3f} spent {result['epsilon_spent']}",
-                flush=True,
-            )
+            if not args.validation_only:
+                print(
+                    f"{method} eps {epsilon}: rate {result['rate']:g} test exact match "
+                    f"{result['test_exact_match']:.3f} named {result['test_named_choice_match']:.3f} "
+                    f"spent {result['epsilon_spent']}",
+                    flush=True,
+                )
             write_results(args.name, {"settings": settings, "runs": runs})
-    print(write_markdown(args.name, runs, args))
+    if not args.validation_only:
+        print(write_markdown(args.name, runs, args))
 
 
 if __name__ == "__main__":

@@ -154,3 +154,41 @@ def test_every_cited_results_anchor_exists():
             if anchor not in anchors.get(path.name, set()):
                 missing.append(f"{path.relative_to(ROOT)}: #{anchor}")
     assert anchors["RESULTS.md"] and not missing, missing
+
+
+def test_instruction_benchmark_adapts_the_modules_asked_and_validation_only_leaves_the_test_rows_unseen(
+    tmp_path, monkeypatch
+):
+    """--lora_target_modules reaches the training script; with --validation_only every rate is trained and scored on
+    validation, the best is chosen, and nothing scores the test rows (a setting explored there spends none of them)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import instruction  # benchmarks/instruction.py
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        output_dir = Path(command[command.index("--output_dir") + 1])
+        rate = float(command[command.index("--learning_rate") + 1])
+        output_dir.mkdir(parents=True)
+        results = {"eval_exact_match": 0.7 if rate == 2e-2 else 0.6, "eval_loss": 0.3, "epsilon": 8.0}
+        (output_dir / "all_results.json").write_text(json.dumps(results | {"wall_seconds": 1, "peak_rss_mib": 1}))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    def no_test_scoring(*args, **kwargs):
+        raise AssertionError("the test rows were scored")
+
+    monkeypatch.setattr(instruction, "smollm2_folder", lambda: str(tmp_path))
+    monkeypatch.setattr(instruction.subprocess, "run", fake_run)
+    monkeypatch.setattr(instruction, "score", no_test_scoring)
+    args = instruction.parse_args(
+        ["--data_dir", str(tmp_path), "--methods", "ffa_lora", "--rates", "ffa_lora=1e-2,2e-2,5e-2",
+         "--validation_only", "--lora_target_modules", "q_proj,o_proj,down_proj"]
+    )  # fmt: skip
+    cell = instruction.run_cell(None, "ffa_lora", 8.0, args)
+
+    assert [c[c.index("--lora_target_modules") + 1] for c in commands] == ["q_proj,o_proj,down_proj"] * 3
+    assert cell["rate"] == 2e-2 and [t["rate"] for t in cell["rates_tried"]] == [1e-2, 2e-2, 5e-2]
+    assert not any(key.startswith("test_") for key in cell)
